@@ -1,0 +1,512 @@
+"""DSL denoiser: MDLM's diffusion transformer driven by noisy token states (Discrete Stochastic Localization).
+
+One network, no timestep input, serves every per-token SNR path. Each token v has a unit-norm direction e_v in R^d;
+a noisy state is z_i = s_i e_{x_i} + sqrt(s_i) eps_i. Because ||e_v|| = 1, the posterior p(x | z) does not depend
+on the SNRs s_i, so the same f_theta(z) is Bayes-optimal whether z came from masking (s = 0), soft evidence
+(finite s) or a clean token (large s).
+
+The backbone keeps MDLM's parameter names (`backbone.*`), so the public MDLM checkpoint maps onto it by name. Its
+input lookup becomes a converter: p~_i = softmax(beta <z_i, E> ++ [0] + b) over the V tokens and a `[MASK]` slot,
+and h_i = p~_i W, where W is MDLM's input table. Token ids are the SNR endpoints of that converter: a token row of W
+(s = infinity) or the mask row (s = 0). This file knows nothing of losses or samplers.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import ModelOutput, cached_file
+
+from .configuration_dsl import DSLConfig
+
+SINUSOID_DIM = 256  # MDLM's frequency-embedding width for the conditioning scalar
+MDLM_PREFIX = "backbone."
+# Parameters that DSL adds to MDLM's backbone (they keep their fresh initialization when converting).
+DSL_ONLY_PARAMETERS = ("token_directions.weight", "converter_beta", "converter_bias")
+
+
+@dataclass
+class DSLMaskedDiffusionOutput(ModelOutput):
+    """Output of [`DSLForMaskedDiffusion`].
+
+    Args:
+        logits: float32 `[batch, length, vocab_size]` scores of the clean token at every position (no mask class).
+        hidden_states: with `output_hidden_states=True`, the input of every block and the final block output.
+    """
+
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class WeightOnlyLayerNorm(nn.Module):
+    """MDLM's LayerNorm: a learned scale but no bias, always computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            normed = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+            return (normed * self.weight.float()).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class InputTable(nn.Module):
+    """MDLM's input embedding (a raw `[V + 1, hidden]` parameter, key `vocab_embed.embedding`).
+
+    For DSL it is the converter's value matrix W: row v is token v, row V is the `[MASK]` slot.
+    """
+
+    def __init__(self, num_slots: int, hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(num_slots, hidden_size))
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.embedding[input_ids]
+
+
+class ConditioningEmbedder(nn.Module):
+    """MDLM's `sigma_map`: sinusoid of a scalar (cos first) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(SINUSOID_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    @staticmethod
+    def sinusoid(values: torch.Tensor) -> torch.Tensor:
+        half = SINUSOID_DIM // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+        args = values.float()[..., None] * freqs
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        sinusoid = self.sinusoid(values).to(self.mlp[0].weight.dtype)
+        return self.mlp(sinusoid)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, GPT-NeoX "rotate half" convention, as in MDLM."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # Not persistent: it is a pure function of the config, and MDLM checkpoints carry their own copy.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, length, head_dim]; cos/sin: [length, head_dim]. Rotation in fp32, like MDLM."""
+    rotated = x.float() * cos + rotate_half(x.float()) * sin
+    return rotated.to(x.dtype)
+
+
+def eager_attention(query, key, value, attention_mask, scale):
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(scores.softmax(dim=-1), value)
+
+
+class DiTBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block with adaLN-zero modulation and full bidirectional attention."""
+
+    def __init__(self, config: DSLConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.norm1 = WeightOnlyLayerNorm(hidden, config.layer_norm_eps)
+        self.attn_qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.attn_out = nn.Linear(hidden, hidden, bias=False)
+        self.norm2 = WeightOnlyLayerNorm(hidden, config.layer_norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, config.intermediate_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(config.intermediate_size, hidden),
+        )
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def attention(self, x, rotary, attention_mask):
+        batch, length, hidden = x.shape
+        # Rows 0:H of attn_qkv are q, H:2H k, 2H:3H v; heads are contiguous inside each.
+        qkv = self.attn_qkv(x).view(batch, length, 3, self.num_heads, hidden // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        cos, sin = rotary
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        scale = 1.0 / math.sqrt(hidden // self.num_heads)
+        if self.config._attn_implementation == "eager":
+            out = eager_attention(query, key, value, attention_mask, scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
+            )
+        return self.attn_out(out.transpose(1, 2).reshape(batch, length, hidden))
+
+    def forward(self, x, conditioning, rotary, attention_mask=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(
+            6, dim=-1
+        )
+        x = x + gate_msa * self.dropout(self.attention(modulate(self.norm1(x), shift_msa, scale_msa), rotary, attention_mask))
+        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and the output projection over the real vocabulary (no `[MASK]` class)."""
+
+    def __init__(self, config: DSLConfig):
+        super().__init__()
+        self.norm_final = WeightOnlyLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.linear = nn.Linear(config.hidden_size, config.vocab_size)
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+
+    def forward(self, x, conditioning):
+        shift, scale = self.adaLN_modulation(conditioning).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiTBackbone(nn.Module):
+    """MDLM's DiT with its exact parameter names."""
+
+    def __init__(self, config: DSLConfig):
+        super().__init__()
+        self.vocab_embed = InputTable(config.num_input_slots, config.hidden_size)
+        self.sigma_map = ConditioningEmbedder(config.cond_dim)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_hidden_layers)])
+        self.output_layer = FinalLayer(config)
+
+
+class UnitNormDirections(nn.Module):
+    """The token directions E: a free `[V, d]` parameter whose rows are used normalized (only directions learn)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, embed_dim))
+
+    def forward(self) -> torch.Tensor:
+        return F.normalize(self.weight, dim=-1)
+
+
+class DSLPreTrainedModel(PreTrainedModel):
+    config_class = DSLConfig
+    base_model_prefix = "dsl"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        config = self.config
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (DiTBlock, FinalLayer)):
+            # adaLN-zero: every block starts as the identity and the final modulation as a plain LayerNorm.
+            init.zeros_(module.adaLN_modulation.weight)
+            init.zeros_(module.adaLN_modulation.bias)
+        elif isinstance(module, WeightOnlyLayerNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, InputTable):
+            init.normal_(module.embedding, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, UnitNormDirections):
+            init.normal_(module.weight, mean=0.0, std=config.direction_init_std)
+        elif isinstance(module, RotaryEmbedding):
+            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+            init.copy_(module.inv_freq, inv_freq)
+        elif isinstance(module, DSLForMaskedDiffusion):
+            init.constant_(module.converter_beta, config.converter_beta_init)
+            bias = torch.zeros_like(module.converter_bias)
+            bias[config.mask_token_id] = config.converter_mask_bias
+            init.copy_(module.converter_bias, bias)
+
+
+class DSLForMaskedDiffusion(DSLPreTrainedModel):
+    """The DSL denoiser f_theta: clean-token logits given token ids (SNR endpoints) or noisy states z.
+
+    - `forward(input_ids=...)`: the discrete endpoint path. A token id is a clean token (SNR = infinity), the
+      `[MASK]` id is SNR 0; it is an exact lookup in the converter's value table, with no |V|-wide softmax. On
+      weights converted from MDLM it reproduces MDLM's logits with the mask class removed.
+    - `forward(noisy_states=z)`: the continuous DSL path through the softmax-bias converter.
+    """
+
+    def __init__(self, config: DSLConfig):
+        super().__init__(config)
+        self.backbone = DiTBackbone(config)
+        self.token_directions = UnitNormDirections(config.vocab_size, config.embed_dim)
+        self.converter_beta = nn.Parameter(torch.empty(()))
+        self.converter_bias = nn.Parameter(torch.empty(config.num_input_slots))
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` records one Auto class; the same class also serves AutoModelForMaskedLM.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModelForMaskedLM": f"{module}.{type(self).__name__}"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_mdlm(
+        cls,
+        checkpoint,
+        num_attention_heads: int | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        **config_overrides,
+    ) -> "DSLForMaskedDiffusion":
+        """Start a DSL model from an MDLM checkpoint (e.g. `kuleshov-group/mdlm-owt`).
+
+        Every backbone weight is copied by name; MDLM's input table becomes the converter's value matrix W (its
+        mask row is the `[MASK]` slot), and the mask row of MDLM's output layer is dropped (DSL predicts V
+        classes). Sizes, `cond_dim` included, are read from the weights, never from config defaults. The new
+        parameters (token directions E, beta, converter bias) keep their initialization.
+
+        Args:
+            checkpoint: a Hub repo id or a local folder in the Hub layout (`config.json` + `model.safetensors`), a
+                `.safetensors` / `.bin` file, or an in-memory state dict with MDLM's keys (`backbone.*`).
+            num_attention_heads: only needed when no `config.json` says it (weights do not encode the head count);
+                defaults to hidden_size // 64, MDLM's head dimension.
+            revision: Hub revision.
+            dtype: dtype of the returned model (default float32).
+            config_overrides: DSL settings for the new parts, e.g. `embed_dim=64`, `snr_max=100.0`, `dropout=0.1`.
+        """
+        mdlm_config, state_dict = _read_mdlm_checkpoint(checkpoint, revision)
+        state_dict = {key: value for key, value in state_dict.items() if key.startswith(MDLM_PREFIX)}
+        if f"{MDLM_PREFIX}vocab_embed.embedding" not in state_dict:
+            raise ValueError(
+                f"not an MDLM checkpoint: no '{MDLM_PREFIX}vocab_embed.embedding' among its "
+                f"{len(state_dict)} '{MDLM_PREFIX}*' keys."
+            )
+        input_rows, hidden_size = state_dict[f"{MDLM_PREFIX}vocab_embed.embedding"].shape
+        block_ids = {int(key.split(".")[2]) for key in state_dict if key.startswith(f"{MDLM_PREFIX}blocks.")}
+        mlp_key = f"{MDLM_PREFIX}blocks.0.mlp.0.weight"
+        sizes = {
+            "vocab_size": input_rows - 1,
+            "mask_token_id": input_rows - 1,
+            "hidden_size": hidden_size,
+            "num_hidden_layers": len(block_ids),
+            "num_attention_heads": num_attention_heads or mdlm_config.get("n_heads") or hidden_size // 64,
+            "cond_dim": state_dict[f"{MDLM_PREFIX}sigma_map.mlp.0.weight"].shape[0]
+            if f"{MDLM_PREFIX}sigma_map.mlp.0.weight" in state_dict
+            else mdlm_config.get("cond_dim", 128),
+            "intermediate_size": state_dict[mlp_key].shape[0] if mlp_key in state_dict else 4 * hidden_size,
+            "max_position_embeddings": mdlm_config.get("model_length", 1024),
+            "dropout": mdlm_config.get("dropout", 0.1),
+            "time_conditioning": bool(mdlm_config.get("time_conditioning", False)),
+        }
+        if input_rows == 50258:  # the GPT-2 vocabulary: <|endoftext|> is BOS, EOS and padding
+            sizes.update(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+        config = DSLConfig(**{**sizes, **config_overrides})
+        model = cls(config)
+
+        expected = {f"{MDLM_PREFIX}{name}": param for name, param in model.backbone.named_parameters()}
+        mask_row = config.mask_token_id
+        output_key = f"{MDLM_PREFIX}output_layer.linear"
+        mapped, mis_shaped = {}, []
+        for key, tensor in state_dict.items():
+            if key.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed from the config
+            if key in (f"{output_key}.weight", f"{output_key}.bias") and tensor.shape[0] == input_rows:
+                tensor = torch.cat([tensor[:mask_row], tensor[mask_row + 1 :]])  # DSL never predicts [MASK]
+            if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+                mis_shaped.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(expected[key].shape)}")
+            mapped[key] = tensor
+        missing = sorted(set(expected) - set(mapped))
+        unexpected = sorted(set(mapped) - set(expected))
+        if missing or unexpected or mis_shaped:
+            raise ValueError(
+                "the MDLM checkpoint does not match the DiT layout:\n"
+                f"  missing keys ({len(missing)}): {missing}\n"
+                f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+                f"  mis-shaped keys ({len(mis_shaped)}): {mis_shaped}"
+            )
+        model.load_state_dict(mapped, strict=False)
+        model.config.name_or_path = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else ""
+        return model.to(dtype) if dtype is not None else model
+
+    def get_input_embeddings(self) -> InputTable:
+        return self.backbone.vocab_embed
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.backbone.output_layer.linear
+
+    # --- the noisy-state channel -----------------------------------------------------------------------------
+
+    def _broadcast_snr(self, snr, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        snr = torch.as_tensor(snr, dtype=torch.float32, device=device)
+        if snr.dim() == 1:
+            if snr.shape[0] != shape[0]:
+                raise ValueError(f"a per-sequence snr must have shape [{shape[0]}], got {list(snr.shape)}.")
+            snr = snr[:, None]
+        elif snr.dim() == 2 and tuple(snr.shape) != tuple(shape):
+            raise ValueError(f"a per-token snr must have shape {list(shape)}, got {list(snr.shape)}.")
+        elif snr.dim() > 2:
+            raise ValueError(f"snr must be a scalar, [batch] or [batch, length]; got shape {list(snr.shape)}.")
+        if torch.any(snr < 0) or not torch.all(torch.isfinite(snr)):
+            raise ValueError("snr must be finite and >= 0 (0 means [MASK]).")
+        return snr.expand(shape)
+
+    def noisy_states(self, input_ids: torch.LongTensor, snr, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample z_i = s_i e_{x_i} + sqrt(s_i) eps_i, eps ~ N(0, I_d). `[MASK]` positions get s = 0, i.e. z = 0.
+
+        Args:
+            input_ids: `[batch, length]` token ids (the `[MASK]` id allowed).
+            snr: a float, a `[batch]` tensor (per sequence) or a `[batch, length]` tensor (per token), all >= 0.
+            generator: optional `torch.Generator` for the Gaussian noise.
+        """
+        is_mask = input_ids == self.config.mask_token_id
+        snr = self._broadcast_snr(snr, input_ids.shape, input_ids.device).masked_fill(is_mask, 0.0)
+        directions = self.token_directions()
+        e = directions[input_ids.masked_fill(is_mask, 0)].float()
+        noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+        return snr[..., None] * e + snr.sqrt()[..., None] * noise
+
+    def posterior_mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """x_hat_i = sum_v p_theta(v | z) e_v, the denoiser's estimate of the clean direction, `[batch, length, d]`."""
+        return logits.float().softmax(dim=-1) @ self.token_directions().float()
+
+    def convert_noisy_states(self, noisy_states: torch.Tensor) -> torch.Tensor:
+        """The converter: h_i = softmax(beta [<z_i, e_1>, .., <z_i, e_V>, 0] + b) W."""
+        table = self.backbone.vocab_embed.embedding
+        scores = self.converter_beta * (noisy_states @ self.token_directions().to(noisy_states.dtype).T)
+        scores = F.pad(scores, (0, 1))  # the [MASK] slot has a zero key
+        slot_probs = (scores.float() + self.converter_bias.float()).softmax(dim=-1)
+        return slot_probs.to(table.dtype) @ table
+
+    # --- the denoiser ------------------------------------------------------------------------------------------
+
+    def _conditioning(self, batch_size, noisy_states, input_ids, timesteps, dtype, device):
+        """adaLN input c, shaped `[1 or batch, 1 or length, cond_dim]` to broadcast over tokens."""
+        config = self.config
+        if config.time_conditioning:
+            if timesteps is None:
+                raise ValueError("this model uses time conditioning: pass `timesteps` (MDLM's sigma, shape [batch]).")
+            values = torch.as_tensor(timesteps, device=device).float().reshape(-1)[:, None]
+        elif config.snr_conditioning == "norm":
+            if noisy_states is not None:
+                values = noisy_states.float().norm(dim=-1)
+            else:  # the discrete endpoints: a clean token stands at s_max, [MASK] at 0
+                values = (input_ids != config.mask_token_id).float() * config.snr_max
+        else:
+            # The released MDLM has no time conditioning: sigma is replaced by 0, so c is one constant vector.
+            values = torch.zeros(1, 1, device=device)
+        return F.silu(self.backbone.sigma_map(values)).to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        noisy_states: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DSLMaskedDiffusionOutput | tuple:
+        r"""
+        Args:
+            input_ids: `[batch, length]` ids in `0..V`, `[MASK]` = V: the discrete endpoint path.
+            noisy_states: `[batch, length, embed_dim]` noisy states z: the continuous DSL path.
+            attention_mask: `[batch, length]`, 1 for real tokens and 0 for padding (padding is never attended to).
+            timesteps: MDLM's sigma, only for `time_conditioning=True` models.
+        """
+        if (input_ids is None) == (noisy_states is None):
+            raise ValueError("pass exactly one of `input_ids` (discrete endpoints) or `noisy_states` (continuous z).")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}.")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() > self.config.mask_token_id):
+                raise ValueError(
+                    f"input_ids must lie in [0, {self.config.mask_token_id}] ({self.config.vocab_size} tokens and "
+                    f"[MASK]={self.config.mask_token_id}); got range [{int(input_ids.min())}, {int(input_ids.max())}]."
+                )
+            hidden = self.backbone.vocab_embed(input_ids)
+            batch_size, length = input_ids.shape
+        else:
+            if noisy_states.dim() != 3 or noisy_states.shape[-1] != self.config.embed_dim:
+                raise ValueError(
+                    f"noisy_states must be [batch, length, {self.config.embed_dim}], got {list(noisy_states.shape)}."
+                )
+            hidden = self.convert_noisy_states(noisy_states)
+            batch_size, length = noisy_states.shape[:2]
+
+        key_mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch_size, length):
+                raise ValueError(f"attention_mask must be [{batch_size}, {length}], got {list(attention_mask.shape)}.")
+            if not bool(attention_mask.bool().all()):
+                key_mask = attention_mask.bool()[:, None, None, :]
+
+        conditioning = self._conditioning(batch_size, noisy_states, input_ids, timesteps, hidden.dtype, hidden.device)
+        rotary = self.backbone.rotary_emb(length, hidden.device)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.backbone.blocks:
+            if output_hidden_states:
+                all_hidden_states += (hidden,)
+            hidden = block(hidden, conditioning, rotary, key_mask)
+        if output_hidden_states:
+            all_hidden_states += (hidden,)
+        logits = self.backbone.output_layer(hidden, conditioning).float()
+
+        if not return_dict:
+            return (logits, all_hidden_states) if output_hidden_states else (logits,)
+        return DSLMaskedDiffusionOutput(logits=logits, hidden_states=all_hidden_states)
+
+
+def _read_mdlm_checkpoint(checkpoint, revision=None) -> tuple[dict, dict]:
+    """(MDLM config dict, state dict) from a state dict, a weights file, a local folder or a Hub repo id."""
+
+    def read_json(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    if isinstance(checkpoint, dict):
+        return {}, checkpoint
+    checkpoint = str(checkpoint)
+    if os.path.isfile(checkpoint):
+        config_path = os.path.join(os.path.dirname(checkpoint), "config.json")
+        return (read_json(config_path) if os.path.isfile(config_path) else {}), load_state_dict(checkpoint)
+    config_path = cached_file(checkpoint, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    config = read_json(config_path) if config_path else {}
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        weights_path = cached_file(
+            checkpoint, weights_name, revision=revision, _raise_exceptions_for_missing_entries=False
+        )
+        if weights_path:
+            return config, load_state_dict(weights_path)
+    raise OSError(f"{checkpoint!r} has neither model.safetensors nor pytorch_model.bin.")
+
+
+__all__ = ["DSLForMaskedDiffusion", "DSLPreTrainedModel", "DSLMaskedDiffusionOutput"]

@@ -1,0 +1,318 @@
+"""DSLForMaskedDiffusion: MDLM compatibility, both input paths, saving/loading (in-library and as remote code)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from mdlm_reference import mdlm_logits, random_mdlm_state_dict, subs_log_probs
+
+MDLM_VOCAB, HIDDEN, HEADS, BLOCKS, COND = 41, 32, 4, 2, 16  # 40 real tokens + [MASK] = 40
+
+
+def tiny_config(**overrides):
+    kwargs = dict(
+        vocab_size=40, hidden_size=HIDDEN, num_hidden_layers=BLOCKS, num_attention_heads=HEADS,
+        intermediate_size=64, cond_dim=COND, max_position_embeddings=32, embed_dim=8, dropout=0.0,
+    )
+    return DSLConfig(**{**kwargs, **overrides})
+
+
+def randomized_model(config=None, seed=0):
+    """A tiny model whose every parameter is random (adaLN included), so no block is the identity."""
+    torch.manual_seed(seed)
+    model = DSLForMaskedDiffusion(config or tiny_config()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in ("converter_beta", "converter_bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def write_mdlm_hub_folder(path, sd, n_heads=HEADS, cond_dim_in_config=129):
+    """An MDLM checkpoint in the Hub layout: MDLM's config.json names + model.safetensors."""
+    os.makedirs(path, exist_ok=True)
+    config = {
+        "model_type": "mdlm", "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig"},
+        "vocab_size": sd["backbone.vocab_embed.embedding"].shape[0], "model_length": 32,
+        "hidden_dim": sd["backbone.vocab_embed.embedding"].shape[1], "cond_dim": cond_dim_in_config,
+        "n_blocks": BLOCKS, "n_heads": n_heads, "dropout": 0.1, "time_conditioning": False,
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file(sd, os.path.join(path, "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mdlm_sd():
+    return random_mdlm_state_dict(vocab_with_mask=MDLM_VOCAB, hidden=HIDDEN, blocks=BLOCKS, cond=COND)
+
+
+def test_config_accepts_mdlm_names_and_vocab_convention():
+    config = DSLConfig(vocab_size=50258, hidden_dim=768, n_blocks=12, n_heads=12, model_length=1024, cond_dim=128)
+    assert (config.vocab_size, config.mask_token_id) == (50257, 50257)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert config.max_position_embeddings == 1024 and config.intermediate_size == 3072
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mask_token_id=3), "mask_token_id=3"),
+        (dict(num_attention_heads=5), "num_attention_heads=5"),
+        (dict(snr_conditioning="time"), "snr_conditioning='time'"),
+        (dict(snr_max=-1.0), "snr_max=-1.0"),
+        (dict(pad_token_id=99), "pad_token_id=99"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        tiny_config(**overrides)
+
+
+def test_from_mdlm_reproduces_mdlm_logits(tmp_path, mdlm_sd):
+    folder = write_mdlm_hub_folder(tmp_path / "mdlm", mdlm_sd)
+    model = DSLForMaskedDiffusion.from_mdlm(str(folder)).eval()
+    config = model.config
+    assert config.cond_dim == COND, "cond_dim must come from the weights, not the config's 129"
+    assert (config.vocab_size, config.mask_token_id, config.num_attention_heads) == (40, 40, HEADS)
+
+    ids = torch.randint(0, MDLM_VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
+    ids[0, :5] = config.mask_token_id
+    with torch.no_grad():
+        dsl = model(input_ids=ids).logits
+    reference = mdlm_logits(mdlm_sd, ids, n_heads=HEADS)
+    assert dsl.shape == (3, 17, 40)
+    # Raw logits of the real classes match, and so do SUBS log-probabilities (mask class removed).
+    torch.testing.assert_close(dsl.double(), reference[..., :40], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dsl.double().log_softmax(-1), subs_log_probs(reference, 40)[..., :40], atol=2e-5, rtol=1e-5)
+    # The converter's value table is MDLM's input table (mask row = mask slot).
+    torch.testing.assert_close(model.backbone.vocab_embed.embedding, mdlm_sd["backbone.vocab_embed.embedding"])
+
+
+def test_from_mdlm_accepts_a_raw_file_and_a_state_dict(tmp_path, mdlm_sd):
+    ids = torch.randint(0, MDLM_VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    path = tmp_path / "weights.safetensors"
+    save_file(mdlm_sd, str(path))
+    from_file = DSLForMaskedDiffusion.from_mdlm(str(path), num_attention_heads=HEADS).eval()
+    from_dict = DSLForMaskedDiffusion.from_mdlm(mdlm_sd, num_attention_heads=HEADS, embed_dim=16).eval()
+    assert from_dict.config.embed_dim == 16
+    with torch.no_grad():
+        torch.testing.assert_close(from_file(input_ids=ids).logits, from_dict(input_ids=ids).logits)
+
+
+def test_from_mdlm_lists_missing_unexpected_and_misshaped_keys(mdlm_sd):
+    broken = dict(mdlm_sd)
+    del broken["backbone.blocks.1.attn_out.weight"]
+    broken["backbone.blocks.0.extra.weight"] = torch.zeros(2)
+    broken["backbone.blocks.0.mlp.2.bias"] = torch.zeros(HIDDEN + 1)
+    with pytest.raises(ValueError) as excinfo:
+        DSLForMaskedDiffusion.from_mdlm(broken, num_attention_heads=HEADS)
+    message = str(excinfo.value)
+    assert "missing keys (1): ['backbone.blocks.1.attn_out.weight']" in message
+    assert "unexpected keys (1): ['backbone.blocks.0.extra.weight']" in message
+    assert "backbone.blocks.0.mlp.2.bias: checkpoint [33] vs model [32]" in message
+    with pytest.raises(ValueError, match="not an MDLM checkpoint"):
+        DSLForMaskedDiffusion.from_mdlm({"model.embed.weight": torch.zeros(3, 3)})
+
+
+def test_continuous_path_approaches_the_discrete_endpoints(mdlm_sd):
+    """z at s = 0 is [MASK] and z at high SNR is the clean token, up to the converter's softness."""
+    model = DSLForMaskedDiffusion.from_mdlm(mdlm_sd, num_attention_heads=HEADS).eval()
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(3))
+    masked = torch.full_like(ids, model.config.mask_token_id)
+    with torch.no_grad():
+        at_mask = model(input_ids=masked).logits.log_softmax(-1)
+        at_zero = model(noisy_states=model.noisy_states(ids, 0.0)).logits.log_softmax(-1)
+        # At initialization p~(mask | z = 0) = 0.99: the s = 0 state is the mask embedding up to 1% of token mass.
+        assert (at_zero - at_mask).abs().max() < 0.15
+        # A sharp converter (large beta, no mask prior) at s_max maps z onto the token row almost exactly.
+        model.converter_beta.fill_(1.0)
+        model.converter_bias.zero_()
+        clean = model(input_ids=ids).logits.log_softmax(-1)
+        z = model.noisy_states(ids, model.config.snr_max, generator=torch.Generator().manual_seed(0))
+        at_snr_max = model(noisy_states=z).logits.log_softmax(-1)
+        assert (at_snr_max - clean).abs().max() < 1e-3
+
+
+def test_noisy_states_statistics():
+    model = randomized_model()
+    ids = torch.randint(0, 40, (1, 1)).expand(20000, 1)
+    snr = torch.full((20000,), 9.0)
+    z = model.noisy_states(ids, snr, generator=torch.Generator().manual_seed(0))
+    e = model.token_directions()[ids[0, 0]].detach()
+    torch.testing.assert_close(z.mean(dim=(0, 1)), 9.0 * e, atol=0.07, rtol=0)  # mean s e, se = 3 / sqrt(20000)
+    torch.testing.assert_close(z.var(dim=(0, 1)), torch.full_like(e, 9.0), atol=0.4, rtol=0)  # variance s
+    per_token = model.noisy_states(torch.tensor([[3, 40]]), torch.tensor([[4.0, 7.0]]))
+    assert torch.all(per_token[0, 1] == 0), "a [MASK] position has s = 0 whatever snr says"
+    with pytest.raises(ValueError, match="snr must be finite and >= 0"):
+        model.noisy_states(ids[:2], -1.0)
+    with pytest.raises(ValueError, match=r"per-sequence snr must have shape \[2\]"):
+        model.noisy_states(ids[:2], torch.ones(3))
+
+
+def test_posterior_mean_and_unit_directions():
+    model = randomized_model()
+    directions = model.token_directions()
+    torch.testing.assert_close(directions.norm(dim=-1), torch.ones(40))
+    logits = torch.full((1, 1, 40), -1e4)
+    logits[0, 0, 7] = 0.0
+    torch.testing.assert_close(model.posterior_mean(logits)[0, 0], directions[7].detach())
+
+
+def test_padding_is_not_attended_to():
+    model = randomized_model()
+    ids = torch.randint(0, 41, (1, 10), generator=torch.Generator().manual_seed(4))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 5)], dim=1)
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+        in_batch = model(input_ids=padded, attention_mask=mask).logits[:, :10]
+        z = model.noisy_states(padded, 5.0, generator=torch.Generator().manual_seed(0))
+        z_alone = model(noisy_states=z[:, :10]).logits
+        z_batch = model(noisy_states=z, attention_mask=mask).logits[:, :10]
+    torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z_alone, z_batch, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_eager_attention_agree():
+    model = randomized_model()
+    ids = torch.randint(0, 41, (2, 11))
+    with torch.no_grad():
+        sdpa = model(input_ids=ids).logits
+        model.config._attn_implementation = "eager"
+        eager = model(input_ids=ids).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_snr_conditioning_norm_depends_on_the_state_norm():
+    model = randomized_model(tiny_config(snr_conditioning="norm"))
+    ids = torch.randint(0, 40, (1, 8))
+    with torch.no_grad():
+        low = model(noisy_states=model.noisy_states(ids, 1.0, generator=torch.Generator().manual_seed(0))).logits
+        # Same direction pattern, rescaled: only the per-token norm (the adaLN input) and converter scores change.
+        both = model(input_ids=ids).logits
+    assert low.shape == both.shape and torch.isfinite(low).all()
+    const = randomized_model(tiny_config())
+    assert const.backbone.sigma_map is not None
+    with pytest.raises(ValueError, match="pick one"):
+        tiny_config(snr_conditioning="norm", time_conditioning=True)
+
+
+def test_hidden_states_tuple_and_input_validation():
+    model = randomized_model()
+    out = model(input_ids=torch.randint(0, 41, (2, 6)), output_hidden_states=True)
+    assert len(out.hidden_states) == BLOCKS + 1 and out.hidden_states[0].shape == (2, 6, HIDDEN)
+    with pytest.raises(ValueError, match="exactly one of"):
+        model()
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 40\]"):
+        model(input_ids=torch.tensor([[41]]))
+    with pytest.raises(ValueError, match=r"noisy_states must be \[batch, length, 8\]"):
+        model(noisy_states=torch.zeros(1, 3, 5))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = randomized_model().train()
+    ids = torch.randint(0, 41, (2, 8))
+    z = model.noisy_states(ids, 3.0, generator=torch.Generator().manual_seed(0)).detach()
+
+    def grads():
+        model.zero_grad()
+        model(noisy_states=z).logits.logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads()
+    model.activation_checkpointing_enable()
+    assert model.backbone.blocks[0].gradient_checkpointing
+    checkpointed = grads()
+    assert set(reference) == set(checkpointed)
+    for name in reference:
+        torch.testing.assert_close(reference[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+    for name in ("token_directions.weight", "converter_beta", "converter_bias", "backbone.vocab_embed.embedding"):
+        assert reference[name].abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_save_load_in_library_and_bf16(tmp_path):
+    model = randomized_model()
+    ids = torch.randint(0, 41, (2, 9))
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_dsl.py", "configuration_dsl.py"} <= files
+    assert not any(f.endswith(".bin") for f in files)
+    auto_map = json.load(open(tmp_path / "config.json"))["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_dsl.DSLConfig",
+        "AutoModel": "modeling_dsl.DSLForMaskedDiffusion",
+        "AutoModelForMaskedLM": "modeling_dsl.DSLForMaskedDiffusion",
+    }
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), DSLConfig)
+    for auto in (AutoModel, AutoModelForMaskedLM):
+        loaded = auto.from_pretrained(tmp_path).eval()
+        assert type(loaded) is DSLForMaskedDiffusion
+        reloaded_state = loaded.state_dict()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, reloaded_state[name]), f"{name} changed in the round trip"
+        # Bit-identical weights; the logits agree to fp32 rounding (memory-mapped tensors may take other BLAS paths).
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=1e-6)
+    bf16 = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert bf16.backbone.blocks[0].attn_qkv.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = bf16(input_ids=ids).logits
+    assert out.dtype == torch.float32  # logits always in fp32
+    torch.testing.assert_close(out, model(input_ids=ids).logits, atol=0.1, rtol=0.05)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(input_ids=ids).logits
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, model(input_ids=ids).logits, atol=0.1, rtol=0.05)
+
+
+def test_trust_remote_code_in_a_fresh_process_without_the_library(tmp_path):
+    """The saved folder alone (remote code) must rebuild the model, with identical logits."""
+    model = randomized_model()
+    ids = torch.randint(0, 41, (2, 9), generator=torch.Generator().manual_seed(5))
+    z = model.noisy_states(ids, 4.0, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = {"discrete": model(input_ids=ids).logits, "continuous": model(noisy_states=z).logits}
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    torch.save({"ids": ids, "z": z, **expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+
+        class HideLibrary:  # the library is installed in this venv: make it unimportable for this process
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if name.split(".")[0] == "dsl_diffusion":
+                    raise ModuleNotFoundError(name)
+
+        sys.meta_path.insert(0, HideLibrary)
+        try:
+            import dsl_diffusion
+            raise AssertionError("the library must not be importable here")
+        except ModuleNotFoundError:
+            pass
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=io["ids"]).logits, io["discrete"], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(model(noisy_states=io["z"]).logits, io["continuous"], atol=1e-6, rtol=1e-6)
+        print("REMOTE-CODE-OK")
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "REMOTE-CODE-OK" in result.stdout, result.stderr[-3000:]
