@@ -1,0 +1,29 @@
+# Everything a fresh machine needs goes through scripts/setup.sh (idempotent, re-run when setup.py changes).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+# DeepSpeed JIT-compiles small C++ ops on first use: keep them in a persistent, project-owned cache.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/dsl-diffusion/torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): setup.py scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dsl-demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -ra
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_samplers.py --quick
+	$(PY) benchmarks/bench_training.py --quick
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info outputs
