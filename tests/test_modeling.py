@@ -316,3 +316,20 @@ def test_trust_remote_code_in_a_fresh_process_without_the_library(tmp_path):
         [sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert "REMOTE-CODE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_convert_cli_writes_a_loadable_folder(tmp_path, mdlm_sd):
+    from dsl_diffusion.modeling_dsl.convert_mdlm import main
+
+    source = write_mdlm_hub_folder(tmp_path / "mdlm", mdlm_sd)
+    out = tmp_path / "dsl"
+    main(["--mdlm_checkpoint", str(source), "--output_dir", str(out), "--tokenizer", "none", "--embed_dim", "4"])
+    model = AutoModel.from_pretrained(out).eval()
+    assert model.config.embed_dim == 4 and model.token_directions.weight.shape == (40, 4)
+    ids = torch.randint(0, MDLM_VOCAB, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits.double(), mdlm_logits(mdlm_sd, ids, n_heads=HEADS)[..., :40], atol=2e-5, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        main(["--mdlm_checkpoint", str(source), "--output_dir", str(out), "--dtype", "float16"])
