@@ -1,0 +1,62 @@
+"""Samplers and the `diffusion-text-generation` pipeline.
+
+Importing this package registers the pipeline task with transformers, so that
+`pipeline("diffusion-text-generation", model=model, tokenizer=tokenizer)` works in-library, and registers the DSL
+model with the Auto classes (through `dsl_diffusion.modeling_dsl`), so that a saved DSL folder loads by path.
+"""
+
+from transformers import AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .. import modeling_dsl  # noqa: F401  (registers DSLConfig / DSLForMaskedDiffusion with the Auto classes)
+from .pipeline_diffusion import (
+    DIFFUSION_GENERATION_CONFIG_NAME,
+    TASK,
+    DiffusionGenerationConfig,
+    DiffusionTextGenerationPipeline,
+)
+from .samplers import (
+    SAMPLERS,
+    DiffusionSampler,
+    DSLSDESampler,
+    HybridConfig,
+    HybridSampler,
+    MDLMConfig,
+    MDLMSampler,
+    ReMDMConfig,
+    ReMDMSampler,
+    ROARConfig,
+    ROARSampler,
+    SamplerOutput,
+    SDEConfig,
+    get_sampler,
+    snr_grid,
+    time_grid,
+    top_p_filter,
+)
+
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=DiffusionTextGenerationPipeline, pt_model=AutoModel)
+
+__all__ = [
+    "DIFFUSION_GENERATION_CONFIG_NAME",
+    "TASK",
+    "DiffusionGenerationConfig",
+    "DiffusionTextGenerationPipeline",
+    "SAMPLERS",
+    "DiffusionSampler",
+    "DSLSDESampler",
+    "HybridConfig",
+    "HybridSampler",
+    "MDLMConfig",
+    "MDLMSampler",
+    "ReMDMConfig",
+    "ReMDMSampler",
+    "ROARConfig",
+    "ROARSampler",
+    "SamplerOutput",
+    "SDEConfig",
+    "get_sampler",
+    "snr_grid",
+    "time_grid",
+    "top_p_filter",
+]

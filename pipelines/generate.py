@@ -1,0 +1,120 @@
+"""`dsl-generate`: sample text from a DSL / masked-diffusion checkpoint with any sampler.
+
+    dsl-generate --model path/to/dsl-model --num_return_sequences 4 --max_length 1024 \
+        --sampler remdm --strategy loop --num_steps 1024 --top_p 0.9 --seed 1 --output samples.jsonl
+
+Sampler knobs left unset come from the model's `diffusion_generation_config.json` (else the published defaults).
+Without `--output` the texts are printed; with it, one JSON object per sample is written:
+{"prompt", "sample_index", "seed", "generated_text", "nfe"}.
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser, pipeline
+
+from .pipeline_diffusion import TASK, DiffusionTextGenerationPipeline
+
+
+@dataclass
+class GenerationArguments:
+    model: str = field(metadata={"help": "A saved DSL model folder or Hub repo id."})
+    prompt: list[str] | None = field(
+        default=None, metadata={"help": "Prompt(s): a fixed prefix, or a text with [MASK]s to infill. None: unconditional."}
+    )
+    num_return_sequences: int = field(default=1, metadata={"help": "Samples per prompt."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences per sampler run."})
+    seed: int = field(default=1, metadata={"help": "Sample r of the run uses a generator seeded with seed + r."})
+    max_length: int | None = field(default=None, metadata={"help": "Total sequence length (default: the model's)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Positions to generate after the prompt."})
+    output: str | None = field(default=None, metadata={"help": "Write the samples to this JSONL file."})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda:0 if available, else cpu)."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16 or auto."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the folder's own model and pipeline code instead of the library's."}
+    )
+    skip_special_tokens: bool = field(
+        default=False, metadata={"help": "Drop special tokens when decoding (the evaluation protocol keeps them)."}
+    )
+    progress_bar: bool = field(default=True, metadata={"help": "Show a progress bar per sampler run."})
+
+
+@dataclass
+class SamplerArguments:
+    """Every knob defaults to None: unset knobs come from the model's generation config."""
+
+    sampler: str | None = field(default=None, metadata={"help": "mdlm, remdm, remdm-{cap,rescale,conf,loop}, dsl-sde, hybrid, roar."})
+    num_steps: int | None = field(default=None, metadata={"help": "Number of steps T (not for roar: one per position)."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus mass in (0, 1]."})
+    temperature: float | None = field(default=None, metadata={"help": "Softmax temperature > 0."})
+    use_cache: bool | None = field(default=None, metadata={"help": "Reuse the network output when no token changed."})
+    discrete_input: str | None = field(default=None, metadata={"help": "input_ids or noisy_states (z = s_hi e_x)."})
+    s_hi: float | None = field(default=None, metadata={"help": "SNR of a clean token (default: the model's snr_max)."})
+    t_min: float | None = field(default=None, metadata={"help": "Last time of the discrete grid (1e-5)."})
+    strategy: str | None = field(default=None, metadata={"help": "ReMDM: cap, rescale, conf or loop."})
+    eta: float | None = field(default=None, metadata={"help": "ReMDM remasking strength in [0, 1]."})
+    t_on: float | None = field(default=None, metadata={"help": "ReMDM loop: start of the loop window."})
+    t_off: float | None = field(default=None, metadata={"help": "ReMDM loop: end of the loop window (< t_on)."})
+    alpha_on: float | None = field(default=None, metadata={"help": "ReMDM loop: alpha held inside the window."})
+    snr_schedule: str | None = field(default=None, metadata={"help": "SDE grid: log-linear, log-normal or linear."})
+    snr_min: float | None = field(default=None, metadata={"help": "SDE: first SNR of the log-linear grid."})
+    snr_max: float | None = field(default=None, metadata={"help": "SDE: last SNR (default: the model's snr_max)."})
+    lognormal_mean: float | None = field(default=None, metadata={"help": "SDE log-normal grid: mean of log SNR."})
+    lognormal_std: float | None = field(default=None, metadata={"help": "SDE log-normal grid: std of log SNR."})
+    continuous_steps: int | None = field(default=None, metadata={"help": "Hybrid: SDE steps T_c (< num_steps)."})
+    snr_star: float | None = field(default=None, metadata={"help": "Hybrid: SNR s* reached by the SDE phase."})
+    commit_rule: str | None = field(default=None, metadata={"help": "Hybrid: threshold or top_fraction."})
+    commit_threshold: float | None = field(default=None, metadata={"help": "Hybrid: commit if max prob >= this."})
+    commit_fraction: float | None = field(default=None, metadata={"help": "Hybrid: commit this fraction per row."})
+    discrete_strategy: str | None = field(default=None, metadata={"help": "Hybrid: mdlm, cap, rescale, conf or loop."})
+    discrete_t_start: float | None = field(default=None, metadata={"help": "Hybrid: start time of the discrete phase."})
+
+
+def main(argv: list[str] | None = None) -> list[list[dict]]:
+    """Parse the arguments, generate, print or write the samples; returns them (one list per prompt)."""
+    parser = HfArgumentParser((GenerationArguments, SamplerArguments))
+    args, sampler_args = parser.parse_args_into_dataclasses(args=argv)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    # A saved folder names its own copy of the pipeline code (`custom_pipelines`): use the library's class unless
+    # the user asks for the folder's remote code.
+    pipeline_class = None if args.trust_remote_code else DiffusionTextGenerationPipeline
+    pipe = pipeline(
+        TASK,
+        model=args.model,
+        device=args.device,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        pipeline_class=pipeline_class,
+    )
+    knobs = {name: value for name, value in asdict(sampler_args).items() if value is not None}
+    prompts = args.prompt or [None]
+    length = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {"max_length": args.max_length}
+    results = pipe(
+        prompts,
+        num_return_sequences=args.num_return_sequences,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        skip_special_tokens=args.skip_special_tokens,
+        progress_bar=args.progress_bar,
+        **{key: value for key, value in length.items() if value is not None},
+        **knobs,
+    )
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for prompt_index, (prompt, samples) in enumerate(zip(prompts, results)):
+                for sample_index, sample in enumerate(samples):
+                    row = prompt_index * args.num_return_sequences + sample_index
+                    record = {"prompt": prompt, "sample_index": sample_index, "seed": args.seed + row, **sample}
+                    f.write(json.dumps(record) + "\n")
+        print(f"wrote {sum(map(len, results))} samples to {args.output}", file=sys.stderr)
+    else:
+        for prompt, samples in zip(prompts, results):
+            for sample in samples:
+                print(f"--- prompt={prompt!r} nfe={sample['nfe']}\n{sample['generated_text']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1233 @@
+"""Samplers for masked-diffusion and DSL denoisers: MDLM, ReMDM (cap / rescale / conf / loop), the DSL
+stochastic-localization SDE, the hybrid continuous-then-discrete sampler and ROAR.
+
+This file travels to the Hugging Face Hub as remote code next to the model files, so it imports only torch,
+transformers, tqdm and the standard library.
+
+Every sampler is one small object in the spirit of diffusers' schedulers: a validated `@dataclass` config, a state,
+a `step(state, model_output)` that advances the state by one step given the network's output, and a
+`run(model, ...)` that drives the whole loop and returns a [`SamplerOutput`].
+
+The denoiser contract (the DSL model, MDLM-style models and the test toys all follow it):
+- `model(input_ids=[B, L], attention_mask=...)` -> `.logits [B, L, V]`: the discrete endpoint path (a token is
+  clean, `[MASK]` = `model.config.mask_token_id` is SNR 0);
+- `model(noisy_states=[B, L, d], attention_mask=...)` -> `.logits`: the continuous DSL path;
+- `model.posterior_mean(logits)` -> `[B, L, d]` and `model.token_directions()` -> unit-norm `[V, d]`;
+- `model.config.mask_token_id`, `model.config.snr_max`, `model.config.max_position_embeddings`.
+
+Common conventions (METHOD.md section 4): the discrete time grid is `t_k = linspace(1, t_min, T + 1)` with
+`alpha_t = 1 - t`; categorical draws are Gumbel-max in float64; nucleus top-p keeps the tokens whose cumulative
+probability is <= p (the top-1 always kept) and renormalizes; `[MASK]` is never sampled; a final noise-removal step
+fills any `[MASK]` left greedily. NFE counts real network calls.
+
+Reproducibility: pass a list of `torch.Generator`s (one per row) and each row's draws depend on its own generator
+only, so a row sampled inside a (left-padded) batch equals the same row sampled alone with the same generator. A
+single generator (or none) draws the whole batch at once, which is faster and still deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import ModelOutput, logging
+
+
+logger = logging.get_logger(__name__)
+
+DISCRETE_INPUTS = ("input_ids", "noisy_states")
+REMDM_STRATEGIES = ("cap", "rescale", "conf", "loop")
+SNR_SCHEDULES = ("log-linear", "log-normal", "linear")
+COMMIT_RULES = ("threshold", "top_fraction")
+HYBRID_DISCRETE_STRATEGIES = ("mdlm",) + REMDM_STRATEGIES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplerOutput(ModelOutput):
+    """Result of a sampler run.
+
+    Args:
+        sequences: `[batch, length]` generated token ids (no `[MASK]` left; fixed tokens and padding unchanged).
+        nfe: number of real network forward passes (cache hits are not counted).
+        trajectory: with `return_trajectory=True`, one `[batch, length]` draft per step (on CPU): for discrete
+            samplers the tokens after the step (`[MASK]` where still masked), for the SDE the argmax of
+            p(x | z) after the step. The last draft equals `sequences`.
+        confidences: with `return_confidences=True`, `[batch, length]` float32: the probability each token had
+            under the sampling distribution when it was (last) decoded; 1 for fixed tokens, 0 for padding.
+    """
+
+    sequences: torch.LongTensor | None = None
+    nfe: int | None = None
+    trajectory: list[torch.LongTensor] | None = None
+    confidences: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerics shared by all samplers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def time_grid(num_steps: int, t_min: float = 1e-5, device=None) -> torch.Tensor:
+    """The discrete samplers' grid `t_k = linspace(1, t_min, num_steps + 1)` in float64."""
+    return torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64, device=device)
+
+
+def snr_grid(
+    schedule: str,
+    num_steps: int,
+    snr_max: float,
+    snr_min: float = 1e-3,
+    lognormal_mean: float = 2.69,
+    lognormal_std: float = 1.41,
+    device=None,
+) -> torch.Tensor:
+    """An increasing SNR grid `s_0 < s_1 < ... < s_K = snr_max` (K = num_steps) in float64.
+
+    - "linear": `linspace(0, snr_max, K + 1)`.
+    - "log-linear": geometric from `snr_min` to `snr_max` (the SDE starts from the tiny-noise state at `snr_min`).
+    - "log-normal": the quantiles of the training SNR law `logN(mean, std)` at `K + 1` equally spaced levels of
+      `[0, F(snr_max)]`, so `s_0 = 0`, `s_K = snr_max`, and the steps are dense where training put its SNRs.
+    """
+    if schedule == "linear":
+        return torch.linspace(0.0, snr_max, num_steps + 1, dtype=torch.float64, device=device)
+    if schedule == "log-linear":
+        return torch.logspace(
+            math.log10(snr_min), math.log10(snr_max), num_steps + 1, dtype=torch.float64, device=device
+        )
+    if schedule == "log-normal":
+        top_level = 0.5 * math.erfc(-(math.log(snr_max) - lognormal_mean) / (lognormal_std * math.sqrt(2.0)))
+        levels = torch.linspace(0.0, top_level, num_steps + 1, dtype=torch.float64, device=device)
+        grid = torch.exp(lognormal_mean + lognormal_std * torch.special.ndtri(levels))
+        grid[-1] = snr_max  # exact endpoint despite the round trip through the normal quantile
+        return grid
+    raise ValueError(f"snr_schedule={schedule!r} is not supported; accepted: {SNR_SCHEDULES}.")
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering with the rule of the MDLM / ReMDM code: keep the tokens whose cumulative probability (in
+    decreasing order) is <= `top_p`, always keep the top-1, renormalize. `probs`: `[..., V]`, rows summing to 1."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, sorted_indices = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(dim=-1) <= top_p
+    keep[..., 0] = True
+    sorted_probs = sorted_probs * keep
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, sorted_indices, sorted_probs)
+
+
+def sampling_log_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """float64 log-probabilities of the sampling distribution: softmax(logits / temperature), then nucleus."""
+    log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        log_probs = top_p_filter(log_probs.exp(), top_p).log()
+    return log_probs
+
+
+def gumbel_argmax(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max: argmax(log p + G), G = -log(-log U) with U ~ U[0, 1) in float64. p = 0 is never drawn."""
+    gumbel = -torch.log(-torch.log(uniforms))
+    return (log_probs + gumbel).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Randomness, the network wrapper and the inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NoiseSource:
+    """Random draws at selected positions of a `[batch, length]` layout.
+
+    With one generator per row, each row draws only for its own selected positions, in position order, so its
+    numbers never depend on the other rows or on left padding. With a single generator (or `None`, torch's default
+    generator) the whole batch draws at once.
+    """
+
+    def __init__(self, generator, batch_size: int, device: torch.device):
+        self.device = device
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size:
+                raise ValueError(
+                    f"got {len(generator)} generators for a batch of {batch_size} rows: pass one per row, a single "
+                    "torch.Generator or None."
+                )
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("every element of `generator` must be a torch.Generator.")
+            self.row_generators, self.generator = list(generator), None
+        elif generator is None or isinstance(generator, torch.Generator):
+            self.row_generators, self.generator = None, generator
+        else:
+            raise TypeError(
+                f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}."
+            )
+
+    def _draw(self, kind: str, shape: tuple, generator, dtype) -> torch.Tensor:
+        draw = torch.rand if kind == "uniform" else torch.randn
+        device = generator.device if generator is not None else self.device
+        return draw(shape, generator=generator, dtype=dtype, device=device).to(self.device)
+
+    def sample(self, where: torch.Tensor, trailing: tuple = (), kind: str = "uniform", dtype=torch.float64):
+        """`[N, *trailing]` draws for the N positions where `where` ([batch, length] bool) is True, row-major."""
+        if self.row_generators is None:
+            return self._draw(kind, (int(where.sum()), *trailing), self.generator, dtype)
+        counts = where.sum(dim=1).tolist()
+        draws = [self._draw(kind, (n, *trailing), g, dtype) for n, g in zip(counts, self.row_generators)]
+        return torch.cat(draws, dim=0)
+
+    def uniform_map(self, where: torch.Tensor) -> torch.Tensor:
+        """`[batch, length]` float64 uniforms at `where`, 0 elsewhere."""
+        out = torch.zeros(where.shape, dtype=torch.float64, device=self.device)
+        out[where] = self.sample(where)
+        return out
+
+
+def default_synced_gpus() -> bool:
+    """True iff torch.distributed runs with more than one rank (e.g. under DeepSpeed ZeRO-3)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True iff `flag` holds on every rank (an all-reduce MIN); every rank must call this the same number of times."""
+    value = torch.tensor(int(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    tensor = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+class Denoiser:
+    """Calls the network, counts real calls (NFE) and keeps the discrete output cache.
+
+    The cache: when the token state is exactly the one of the previous call, the previous logits are reused (valid
+    because the network has no time input). Under `synced_gpus` a call is skipped only if every rank can skip it,
+    so every rank makes the same number of forward passes (ZeRO-3 gathers parameters collectively).
+
+    `discrete_input` chooses how a token state is shown to the network: "input_ids" (a token is clean, `[MASK]` is
+    SNR 0) or "noisy_states" (z_i = s_hi e_{x_i}, z = 0 at `[MASK]`).
+    """
+
+    def __init__(
+        self,
+        model,
+        attention_mask: torch.Tensor | None,
+        *,
+        use_cache: bool = False,
+        synced_gpus: bool = False,
+        discrete_input: str = "input_ids",
+        s_hi: float | None = None,
+    ):
+        self.model = model
+        self.attention_mask = attention_mask
+        self.use_cache = use_cache
+        self.synced_gpus = synced_gpus
+        self.discrete_input = discrete_input
+        self.mask_token_id = model.config.mask_token_id
+        self.s_hi = s_hi
+        self.nfe = 0
+        self._cached_tokens = None
+        self._cached_logits = None
+        self._directions = None
+
+    def _forward(self, **model_inputs) -> torch.Tensor:
+        self.nfe += 1
+        logits = self.model(**model_inputs, attention_mask=self.attention_mask).logits
+        if logits.shape[-1] > self.mask_token_id:
+            # MDLM-style heads carry a [MASK] class: it is never a sampling outcome.
+            logits = logits.clone()
+            logits[..., self.mask_token_id] = -torch.inf
+        return logits
+
+    def token_directions(self) -> torch.Tensor:
+        if self._directions is None:
+            self._directions = self.model.token_directions().detach().float()
+        return self._directions
+
+    def tokens_to_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """z = s_hi e_x at token positions, 0 at `[MASK]`."""
+        directions = self.token_directions()
+        is_token = tokens != self.mask_token_id
+        states = directions[tokens.masked_fill(~is_token, 0)] * self.s_hi
+        return states * is_token[..., None]
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits for a discrete state (cached)."""
+        reuse = self.use_cache and self._cached_tokens is not None and torch.equal(tokens, self._cached_tokens)
+        if self.synced_gpus and self.use_cache:
+            reuse = all_ranks_agree(reuse, tokens.device)
+        if reuse:
+            return self._cached_logits
+        if self.discrete_input == "input_ids":
+            logits = self._forward(input_ids=tokens)
+        else:
+            logits = self._forward(noisy_states=self.tokens_to_states(tokens))
+        if self.use_cache:
+            self._cached_tokens, self._cached_logits = tokens.clone(), logits
+        return logits
+
+    def from_states(self, noisy_states: torch.Tensor) -> torch.Tensor:
+        """Logits for continuous noisy states (never cached: z changes at every step)."""
+        return self._forward(noisy_states=noisy_states)
+
+
+@dataclass
+class SamplerInputs:
+    """The starting sequences of a run.
+
+    Attributes:
+        tokens: `[B, L]` ids; `[MASK]` marks what to generate.
+        attention_mask: what the network receives (None = attend everywhere).
+        valid: `[B, L]` bool, False at padding.
+        generatable: `[B, L]` bool, the positions the sampler writes (the `[MASK]` positions that are not padding).
+    """
+
+    tokens: torch.LongTensor
+    attention_mask: torch.Tensor | None
+    valid: torch.BoolTensor
+    generatable: torch.BoolTensor
+
+
+def _model_device(model) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def prepare_inputs(model, input_ids=None, attention_mask=None, batch_size=None, seq_len=None) -> SamplerInputs:
+    """Validate the conditioning and build the starting state.
+
+    - Unconditional: `input_ids=None`; `batch_size` (default 1) rows of `seq_len` (default
+      `model.config.max_position_embeddings`) `[MASK]`s.
+    - Prefix / infilling: `input_ids` holds the fixed tokens and `[MASK]` where to generate. Left padding is
+      marked by `attention_mask` (0 = padding); padded positions are never generated nor attended to.
+    """
+    mask_token_id = getattr(model.config, "mask_token_id", None)
+    if mask_token_id is None:
+        raise ValueError("the model has no mask token: its config must set `mask_token_id` (the [MASK] input id).")
+    device = _model_device(model)
+    if input_ids is None:
+        batch_size = 1 if batch_size is None else batch_size
+        seq_len = getattr(model.config, "max_position_embeddings", None) if seq_len is None else seq_len
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r} must be an integer >= 1.")
+        if attention_mask is not None:
+            raise ValueError("attention_mask needs input_ids: unconditional generation has no padding.")
+        tokens = torch.full((batch_size, seq_len), mask_token_id, dtype=torch.long, device=device)
+    else:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a LongTensor of shape [batch, length].")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() > mask_token_id):
+            raise ValueError(f"input_ids must lie in [0, {mask_token_id}] ([MASK] = {mask_token_id}).")
+        tokens = input_ids.to(device)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"attention_mask has shape {list(attention_mask.shape)}, input_ids has {list(tokens.shape)}."
+            )
+        attention_mask = attention_mask.to(device)
+        valid = attention_mask.bool()
+    generatable = (tokens == mask_token_id) & valid
+    return SamplerInputs(tokens=tokens, attention_mask=attention_mask, valid=valid, generatable=generatable)
+
+
+class StepRecorder:
+    """Collects the trajectory and calls the per-step callback `callback(step_index, state)`."""
+
+    def __init__(self, callback: Callable | None, keep_trajectory: bool):
+        self.callback = callback
+        self.trajectory = [] if keep_trajectory else None
+
+    def __call__(self, step_index: int, state) -> None:
+        if self.trajectory is not None:
+            self.trajectory.append(state.tokens.detach().cpu().clone())
+        if self.callback is not None:
+            self.callback(step_index, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}.")
+
+
+def _check_range(name, value, low, high, low_open=False, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r}).")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or math.isnan(value):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value} is outside the accepted range {interval}.")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, choices))}.")
+
+
+@dataclass
+class SamplingConfig:
+    """Knobs shared by the samplers that draw categorical tokens.
+
+    Args:
+        top_p: nucleus mass in (0, 1]; 1 disables it (published OWT setting: 0.9).
+        temperature: > 0, divides the logits before the softmax.
+        discrete_input: how a token state reaches the network: "input_ids" (clean tokens / `[MASK]`) or
+            "noisy_states" (z = s_hi e_x, 0 at `[MASK]`).
+        s_hi: SNR of a decoded token for `discrete_input="noisy_states"` (None = `model.config.snr_max`).
+    """
+
+    top_p: float = 1.0
+    temperature: float = 1.0
+    discrete_input: str = "input_ids"
+    s_hi: float | None = None
+
+    def __post_init__(self):
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
+        _check_choice("discrete_input", self.discrete_input, DISCRETE_INPUTS)
+        if self.s_hi is not None:
+            _check_range("s_hi", self.s_hi, 0.0, math.inf, low_open=True, high_open=True)
+
+
+@dataclass
+class MDLMConfig(SamplingConfig):
+    """MDLM ancestral sampling.
+
+    Args:
+        num_steps: T >= 1 steps on `linspace(1, t_min, T + 1)`.
+        t_min: last time of the grid, in (0, 1) (MDLM: 1e-5).
+        use_cache: reuse the network output when no token changed since the previous call.
+    """
+
+    num_steps: int = 128
+    t_min: float = 1e-5
+    use_cache: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("num_steps", self.num_steps, 1)
+        _check_range("t_min", self.t_min, 0.0, 1.0, low_open=True, high_open=True)
+        _check_bool("use_cache", self.use_cache)
+
+
+@dataclass
+class ReMDMConfig(MDLMConfig):
+    """ReMDM remasking sampling: one posterior, four sigma schedules.
+
+    Args:
+        strategy: "cap" (sigma = min(eta, sigma_max)), "rescale" (sigma = eta sigma_max), "conf" (sigma_l =
+            sigma_max softmax_l(-psi_l) over decoded positions) or "loop" (MDLM up to t_on, remasking at eta with
+            alpha held at alpha_on until t_off, then MDLM).
+        eta: remasking strength in [0, 1] (None = the published default: 0.02 for "loop", 0.04 otherwise).
+        t_on, t_off: the loop window, 0 < t_off < t_on < 1 (published: 0.55, 0.05).
+        alpha_on: the fraction of decoded tokens held in the loop, in (0, 1) (published: 0.9).
+    """
+
+    strategy: str = "cap"
+    eta: float | None = None
+    t_on: float = 0.55
+    t_off: float = 0.05
+    alpha_on: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("strategy", self.strategy, REMDM_STRATEGIES)
+        if self.eta is None:
+            self.eta = 0.02 if self.strategy == "loop" else 0.04
+        _check_range("eta", self.eta, 0.0, 1.0)
+        _check_loop_window(self)
+
+
+def _check_loop_window(config):
+    _check_range("t_on", config.t_on, 0.0, 1.0, low_open=True, high_open=True)
+    _check_range("t_off", config.t_off, 0.0, 1.0, low_open=True, high_open=True)
+    if config.t_off >= config.t_on:
+        raise ValueError(f"t_off={config.t_off} must be < t_on={config.t_on} (the loop runs for t_off < t <= t_on).")
+    _check_range("alpha_on", config.alpha_on, 0.0, 1.0, low_open=True, high_open=True)
+    loop_limit = (1.0 - config.alpha_on) / config.alpha_on
+    if getattr(config, "strategy", None) == "loop" or getattr(config, "discrete_strategy", None) == "loop":
+        if config.eta > loop_limit:
+            # With alpha held at alpha_on, a masked token unmasks with prob eta alpha_on / (1 - alpha_on) <= 1.
+            raise ValueError(
+                f"eta={config.eta} is too large for the loop with alpha_on={config.alpha_on}: accepted range "
+                f"[0, {loop_limit:.6g}] = [0, (1 - alpha_on) / alpha_on]."
+            )
+
+
+@dataclass
+class ROARConfig(SamplingConfig):
+    """Random-order autoregression: one position per step in a random permutation (NFE = #positions to fill)."""
+
+
+@dataclass
+class SDEConfig:
+    """The DSL stochastic-localization SDE z <- z + x_hat(z) ds + sqrt(ds) xi, tokens = argmax p(x | z) at the end.
+
+    Args:
+        num_steps: K >= 1 Euler steps (NFE = K + 1: one call per step and the final decode).
+        snr_schedule: "log-linear", "log-normal" (quantiles of the training SNR law) or "linear".
+        snr_min: first SNR of the log-linear grid (> 0); the SDE starts from z = sqrt(snr_min) xi.
+        snr_max: last SNR (None = `model.config.snr_max`).
+        lognormal_mean, lognormal_std: the log-normal law of the "log-normal" grid (OWT training: 2.69, 1.41).
+        s_hi: SNR at which fixed (prompt) tokens are shown, z = s_hi e_x (None = `model.config.snr_max`).
+    """
+
+    num_steps: int = 128
+    snr_schedule: str = "log-linear"
+    snr_min: float = 1e-3
+    snr_max: float | None = None
+    lognormal_mean: float = 2.69
+    lognormal_std: float = 1.41
+    s_hi: float | None = None
+
+    def __post_init__(self):
+        _check_int("num_steps", self.num_steps, 1)
+        _check_choice("snr_schedule", self.snr_schedule, SNR_SCHEDULES)
+        _check_range("snr_min", self.snr_min, 0.0, math.inf, low_open=True, high_open=True)
+        if self.snr_max is not None:
+            _check_range("snr_max", self.snr_max, self.snr_min, math.inf, low_open=True, high_open=True)
+        _check_range("lognormal_std", self.lognormal_std, 0.0, math.inf, low_open=True, high_open=True)
+        _check_range("lognormal_mean", self.lognormal_mean, -math.inf, math.inf, low_open=True, high_open=True)
+        if self.s_hi is not None:
+            _check_range("s_hi", self.s_hi, 0.0, math.inf, low_open=True, high_open=True)
+
+
+@dataclass
+class HybridConfig(SamplingConfig):
+    """Continuous-then-discrete: the SDE for `continuous_steps` steps up to SNR `snr_star`, a commit, then
+    `num_steps - continuous_steps` discrete MDLM / ReMDM steps.
+
+    Args:
+        num_steps: T, the total step budget (>= 2).
+        continuous_steps: T_c in [1, T - 1] (None = T // 2).
+        snr_star: s*, the SNR reached by the continuous phase (> 0).
+        snr_schedule, snr_min, lognormal_mean, lognormal_std: the SNR grid of the continuous phase (up to s*).
+        commit_rule: "threshold" (commit the positions whose max probability is >= commit_threshold) or
+            "top_fraction" (commit the commit_fraction most confident positions of each row). Committed positions
+            take their argmax token (shown at s_hi), the others become `[MASK]`.
+        commit_threshold: in (0, 1]. commit_fraction: in [0, 1].
+        discrete_strategy: "mdlm" or a ReMDM strategy ("cap", "rescale", "conf", "loop") for the discrete phase.
+        discrete_t_start: the time the discrete phase starts from (None = each row's fraction of masked positions,
+            the time at which MDLM's forward process masks that fraction).
+        eta, t_on, t_off, alpha_on, t_min, use_cache: as in [`ReMDMConfig`].
+    """
+
+    num_steps: int = 48
+    continuous_steps: int | None = None
+    snr_star: float = 10.0
+    snr_schedule: str = "log-linear"
+    snr_min: float = 1e-3
+    lognormal_mean: float = 2.69
+    lognormal_std: float = 1.41
+    commit_rule: str = "threshold"
+    commit_threshold: float = 0.9
+    commit_fraction: float = 0.5
+    discrete_strategy: str = "mdlm"
+    discrete_t_start: float | None = None
+    eta: float | None = None
+    t_on: float = 0.55
+    t_off: float = 0.05
+    alpha_on: float = 0.9
+    t_min: float = 1e-5
+    use_cache: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("num_steps", self.num_steps, 2)
+        if self.continuous_steps is None:
+            self.continuous_steps = self.num_steps // 2
+        _check_int("continuous_steps", self.continuous_steps, 1)
+        if self.continuous_steps >= self.num_steps:
+            raise ValueError(
+                f"continuous_steps={self.continuous_steps} must be in [1, num_steps - 1] = [1, {self.num_steps - 1}]."
+            )
+        _check_range("snr_star", self.snr_star, 0.0, math.inf, low_open=True, high_open=True)
+        _check_choice("snr_schedule", self.snr_schedule, SNR_SCHEDULES)
+        _check_range("snr_min", self.snr_min, 0.0, self.snr_star, low_open=True, high_open=True)
+        _check_range("lognormal_std", self.lognormal_std, 0.0, math.inf, low_open=True, high_open=True)
+        _check_choice("commit_rule", self.commit_rule, COMMIT_RULES)
+        _check_range("commit_threshold", self.commit_threshold, 0.0, 1.0, low_open=True)
+        _check_range("commit_fraction", self.commit_fraction, 0.0, 1.0)
+        _check_choice("discrete_strategy", self.discrete_strategy, HYBRID_DISCRETE_STRATEGIES)
+        if self.discrete_t_start is not None:
+            _check_range("discrete_t_start", self.discrete_t_start, 0.0, 1.0, low_open=True)
+        if self.eta is None:
+            self.eta = 0.02 if self.discrete_strategy == "loop" else 0.04
+        _check_range("eta", self.eta, 0.0, 1.0)
+        _check_loop_window(self)
+        _check_range("t_min", self.t_min, 0.0, 1.0, low_open=True, high_open=True)
+        _check_bool("use_cache", self.use_cache)
+
+    def discrete_config(self) -> MDLMConfig:
+        """The config of the discrete phase (T_d = num_steps - continuous_steps steps)."""
+        shared = dict(
+            num_steps=self.num_steps - self.continuous_steps,
+            t_min=self.t_min,
+            use_cache=self.use_cache,
+            top_p=self.top_p,
+            temperature=self.temperature,
+            discrete_input=self.discrete_input,
+            s_hi=self.s_hi,
+        )
+        if self.discrete_strategy == "mdlm":
+            return MDLMConfig(**shared)
+        return ReMDMConfig(
+            **shared,
+            strategy=self.discrete_strategy,
+            eta=self.eta,
+            t_on=self.t_on,
+            t_off=self.t_off,
+            alpha_on=self.alpha_on,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampler base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiffusionSampler:
+    """Base class: holds a validated config; subclasses implement `init_state`, `step` and `_sample`."""
+
+    name: str = ""
+    config_class: type = SamplingConfig
+
+    def __init__(self, config=None, **knobs):
+        if config is None:
+            config = self.config_class(**knobs)
+        else:
+            if not isinstance(config, self.config_class):
+                raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+            if knobs:
+                config = dataclasses.replace(config, **knobs)
+        self.config = config
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config})"
+
+    @torch.no_grad()
+    def run(
+        self,
+        model,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        callback: Callable | None = None,
+        return_trajectory: bool = False,
+        return_confidences: bool = False,
+        progress_bar: bool = True,
+        synced_gpus: bool | None = None,
+        **run_kwargs,
+    ) -> SamplerOutput:
+        """Sample sequences.
+
+        Args:
+            model: the denoiser (see the module docstring). Put it in eval mode: dropout would make the cache and
+                the determinism guarantees meaningless.
+            input_ids: `[B, L]` ids with `[MASK]` where to generate (prefix prompt, infilling), or None for
+                `batch_size` unconditional rows of `seq_len` tokens.
+            attention_mask: `[B, L]`, 0 at (left) padding.
+            generator: a torch.Generator for the whole batch, or one per row (batch-invariant results), or None.
+            callback: `callback(step_index, state)` after every step; `state.tokens` is the current draft.
+            return_trajectory, return_confidences: see [`SamplerOutput`].
+            progress_bar: show a tqdm bar.
+            synced_gpus: every rank makes the same number of forward passes (skip the cache only when all ranks
+                agree). None = True iff torch.distributed runs with more than one rank.
+        """
+        if getattr(model, "training", False):
+            logger.warning_once("the model is in training mode (dropout on): call model.eval() before sampling.")
+        inputs = prepare_inputs(model, input_ids, attention_mask, batch_size, seq_len)
+        noise = NoiseSource(generator, inputs.tokens.shape[0], inputs.tokens.device)
+        synced_gpus = default_synced_gpus() if synced_gpus is None else synced_gpus
+        recorder = StepRecorder(callback, return_trajectory)
+        state, nfe = self._sample(model, inputs, noise, recorder, progress_bar, synced_gpus, **run_kwargs)
+        return SamplerOutput(
+            sequences=state.tokens,
+            nfe=nfe,
+            trajectory=recorder.trajectory,
+            confidences=state.confidences.float() if return_confidences else None,
+        )
+
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, **run_kwargs):
+        raise NotImplementedError
+
+    def _s_hi(self, model) -> float:
+        s_hi = self.config.s_hi if self.config.s_hi is not None else getattr(model.config, "snr_max", None)
+        if s_hi is None:
+            raise ValueError("set `s_hi` (the SNR of a clean token): the model config has no `snr_max`.")
+        return float(s_hi)
+
+    def _progress(self, total: int, enabled: bool):
+        return tqdm(total=total, desc=f"{self.name} sampling", disable=not enabled, leave=False)
+
+
+def _initial_confidences(inputs: SamplerInputs) -> torch.Tensor:
+    """1 at fixed tokens, 0 at positions to generate and at padding (float64)."""
+    return (inputs.valid & ~inputs.generatable).double()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discrete masked diffusion: MDLM and ReMDM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiscreteState:
+    """State of the discrete samplers.
+
+    Attributes:
+        tokens: `[B, L]` current tokens (`[MASK]` where masked).
+        generatable: `[B, L]` positions the sampler may write.
+        confidences: `[B, L]` float64, psi: the probability each token had when decoded.
+        times: `[B or 1, T + 1]` float64 time grid (per-row grids allowed).
+        noise: the random source.
+        step_index: the next step to take.
+    """
+
+    tokens: torch.LongTensor
+    generatable: torch.BoolTensor
+    confidences: torch.Tensor
+    times: torch.Tensor
+    noise: NoiseSource
+    mask_token_id: int
+    step_index: int = 0
+
+
+class MDLMSampler(DiffusionSampler):
+    """MDLM ancestral sampling: a masked token unmasks from t to s with probability (alpha_s - alpha_t) /
+    (1 - alpha_t), drawing from p_theta; decoded tokens are kept. This is the ReMDM posterior with sigma = 0.
+    With `use_cache`, a step in which no token changed reuses the previous network output."""
+
+    name = "mdlm"
+    config_class = MDLMConfig
+
+    # -- the posterior ------------------------------------------------------------------------------------------
+
+    def schedule(self, t: torch.Tensor, s: torch.Tensor, state: DiscreteState):
+        """(alpha_t, alpha_s, sigma) for the step t -> s; `t`, `s` are `[B, 1]`, sigma broadcasts to `[B, L]`."""
+        return 1.0 - t, 1.0 - s, torch.zeros_like(t)
+
+    def init_state(self, inputs: SamplerInputs, noise: NoiseSource, mask_token_id: int, times=None) -> DiscreteState:
+        if times is None:
+            times = time_grid(self.config.num_steps, self.config.t_min, device=inputs.tokens.device)[None]
+        return DiscreteState(
+            tokens=inputs.tokens.clone(),
+            generatable=inputs.generatable,
+            confidences=_initial_confidences(inputs),
+            times=times,
+            noise=noise,
+            mask_token_id=mask_token_id,
+        )
+
+    def step(self, state: DiscreteState, logits: torch.Tensor) -> DiscreteState:
+        """One ReMDM/MDLM step t_k -> t_{k+1}: decoded tokens are remasked with probability sigma; masked tokens
+        unmask with probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), drawing from p_theta."""
+        k = state.step_index
+        t, s = state.times[:, k : k + 1], state.times[:, k + 1 : k + 2]
+        alpha_t, alpha_s, sigma = self.schedule(t, s, state)
+        is_masked = state.tokens == state.mask_token_id
+        masked = state.generatable & is_masked
+        decoded = state.generatable & ~is_masked
+
+        # One uniform per writable position decides both remasking (decoded) and unmasking (masked).
+        uniforms = state.noise.uniform_map(state.generatable)
+        unmask_prob = ((alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+        remask = decoded & (uniforms < sigma)
+        unmask = masked & (uniforms < unmask_prob)
+
+        tokens, confidences = state.tokens.clone(), state.confidences.clone()
+        new_tokens, new_probs = self._draw_tokens(logits, unmask, state.noise)
+        tokens[unmask], confidences[unmask] = new_tokens, new_probs
+        tokens[remask], confidences[remask] = state.mask_token_id, 0.0
+        return dataclasses.replace(state, tokens=tokens, confidences=confidences, step_index=k + 1)
+
+    def _draw_tokens(self, logits, where, noise: NoiseSource):
+        """Sample p_theta (temperature, nucleus) at `where`: (tokens [N], their sampling probabilities [N])."""
+        log_probs = sampling_log_probs(logits[where], self.config.temperature, self.config.top_p)
+        tokens = gumbel_argmax(log_probs, noise.sample(where, (log_probs.shape[-1],)))
+        return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1).exp()
+
+    def remove_noise(self, state: DiscreteState, logits: torch.Tensor) -> DiscreteState:
+        """Fill every `[MASK]` left with the argmax of p_theta."""
+        where = state.generatable & (state.tokens == state.mask_token_id)
+        log_probs = sampling_log_probs(logits[where], self.config.temperature, self.config.top_p)
+        best_log_probs, best_tokens = log_probs.max(dim=-1)
+        tokens, confidences = state.tokens.clone(), state.confidences.clone()
+        tokens[where], confidences[where] = best_tokens, best_log_probs.exp()
+        return dataclasses.replace(state, tokens=tokens, confidences=confidences)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def denoise(self, state, denoiser: Denoiser, recorder, progress, step_offset: int = 0) -> DiscreteState:
+        """Run the T steps from `state` (then the final noise removal, folded into the last step)."""
+        num_steps = state.times.shape[-1] - 1
+        for k in range(num_steps):
+            state = self.step(state, denoiser.from_tokens(state.tokens))
+            if k == num_steps - 1:
+                any_masked = bool((state.generatable & (state.tokens == state.mask_token_id)).any())
+                if denoiser.synced_gpus:
+                    any_masked = not all_ranks_agree(not any_masked, state.tokens.device)
+                if any_masked:
+                    state = self.remove_noise(state, denoiser.from_tokens(state.tokens))
+            recorder(step_offset + k, state)
+            progress.update(1)
+        return state
+
+    def _make_denoiser(self, model, inputs, synced_gpus) -> Denoiser:
+        return Denoiser(
+            model,
+            inputs.attention_mask,
+            use_cache=self.config.use_cache and not getattr(model.config, "time_conditioning", False),
+            synced_gpus=synced_gpus,
+            discrete_input=self.config.discrete_input,
+            s_hi=self._s_hi(model) if self.config.discrete_input == "noisy_states" else None,
+        )
+
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+        denoiser = self._make_denoiser(model, inputs, synced_gpus)
+        state = self.init_state(inputs, noise, model.config.mask_token_id)
+        with self._progress(self.config.num_steps, progress_bar) as progress:
+            state = self.denoise(state, denoiser, recorder, progress)
+        return state, denoiser.nfe
+
+
+class ReMDMSampler(MDLMSampler):
+    """ReMDM (Wang et al. 2025): per token, a decoded token is remasked with probability sigma_t and a masked token
+    unmasks with probability (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t), with
+    sigma_t in [0, sigma_max], sigma_max = min(1, (1 - alpha_s) / alpha_t). The strategy picks sigma:
+    cap, rescale, conf, loop (see [`ReMDMConfig`])."""
+
+    name = "remdm"
+    config_class = ReMDMConfig
+
+    def schedule(self, t, s, state):
+        config = self.config
+        if config.strategy == "loop":
+            return self._loop_schedule(t, s)
+        alpha_t, alpha_s = 1.0 - t, 1.0 - s
+        sigma_max = torch.where(alpha_t > 0, ((1.0 - alpha_s) / alpha_t.clamp_min(1e-300)).clamp(max=1.0), 1.0)
+        if config.strategy == "cap":
+            return alpha_t, alpha_s, sigma_max.clamp(max=config.eta)
+        if config.strategy == "rescale":
+            return alpha_t, alpha_s, config.eta * sigma_max
+        # conf: spread sigma_max over the decoded positions, the least confident ones first.
+        decoded = state.generatable & (state.tokens != state.mask_token_id)
+        scores = (-state.confidences).masked_fill(~decoded, -torch.inf)
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with nothing decoded has no remasking
+        return alpha_t, alpha_s, sigma_max * weights
+
+    def _loop_schedule(self, t, s):
+        """Phase 1 (t > t_on): MDLM with alpha rescaled to reach alpha_on at t_on. Phase 2 (t_off < t <= t_on):
+        alpha held at alpha_on, remasking at eta. Phase 3 (t <= t_off): MDLM from alpha_on to 1."""
+        config = self.config
+
+        def alpha(u):
+            rising = config.alpha_on * (1.0 - u) / (1.0 - config.t_on)
+            finishing = 1.0 - (1.0 - config.alpha_on) * u / config.t_off
+            return torch.where(u > config.t_on, rising, torch.where(u > config.t_off, config.alpha_on, finishing))
+
+        in_loop = (t <= config.t_on) & (t > config.t_off)
+        alpha_t = torch.where(in_loop, config.alpha_on, alpha(t))
+        alpha_s = torch.where(in_loop, config.alpha_on, alpha(s))
+        sigma = torch.where(in_loop, config.eta, 0.0)
+        return alpha_t, alpha_s, sigma
+
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+        config = self.config
+        if config.strategy == "loop":
+            step_times = time_grid(config.num_steps, config.t_min)[:-1]
+            if not bool((step_times <= config.t_off).any()):
+                # The phase is chosen by the step's start time, as in the ReMDM code: a grid this coarse never
+                # reaches phase 3, so about 1 - alpha_on of the tokens are still masked after the last step and
+                # get filled greedily by the noise-removal step.
+                logger.warning(
+                    f"remdm loop with num_steps={config.num_steps} has no step with t <= t_off={config.t_off}: the "
+                    "run ends with alpha held at alpha_on and the remaining [MASK]s are filled greedily. Use "
+                    f"num_steps >= {math.ceil(1.0 / config.t_off) + 1} or a larger t_off."
+                )
+        return super()._sample(model, inputs, noise, recorder, progress_bar, synced_gpus)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROAR
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ROARState:
+    """State of ROAR: the tokens and each row's visiting order (`order[b, k]` is row b's k-th position)."""
+
+    tokens: torch.LongTensor
+    generatable: torch.BoolTensor
+    confidences: torch.Tensor
+    order: torch.LongTensor
+    num_positions: torch.LongTensor
+    noise: NoiseSource
+    mask_token_id: int
+    step_index: int = 0
+
+
+class ROARSampler(DiffusionSampler):
+    """Random-order autoregression: visit the positions to generate in a random permutation; at each, draw x_j from
+    p_theta(. | current state) and fix it (a clean token, or z_j = s_hi e_{x_j} with `discrete_input="noisy_states"`).
+    One network call per position."""
+
+    name = "roar"
+    config_class = ROARConfig
+
+    def init_state(self, inputs: SamplerInputs, noise: NoiseSource, mask_token_id: int) -> ROARState:
+        keys = noise.uniform_map(inputs.generatable).masked_fill(~inputs.generatable, torch.inf)
+        return ROARState(
+            tokens=inputs.tokens.clone(),
+            generatable=inputs.generatable,
+            confidences=_initial_confidences(inputs),
+            order=keys.argsort(dim=-1, stable=True),
+            num_positions=inputs.generatable.sum(dim=-1),
+            noise=noise,
+            mask_token_id=mask_token_id,
+        )
+
+    def step(self, state: ROARState, logits: torch.Tensor) -> ROARState:
+        k = state.step_index
+        rows = (state.num_positions > k).nonzero().squeeze(-1)  # rows that still have a position to fill
+        where = torch.zeros_like(state.generatable)
+        where[rows, state.order[rows, k]] = True
+        log_probs = sampling_log_probs(logits[where], self.config.temperature, self.config.top_p)
+        new_tokens = gumbel_argmax(log_probs, state.noise.sample(where, (log_probs.shape[-1],)))
+        tokens, confidences = state.tokens.clone(), state.confidences.clone()
+        tokens[where] = new_tokens
+        confidences[where] = log_probs.gather(-1, new_tokens[:, None]).squeeze(-1).exp()
+        return dataclasses.replace(state, tokens=tokens, confidences=confidences, step_index=k + 1)
+
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+        denoiser = Denoiser(
+            model,
+            inputs.attention_mask,
+            synced_gpus=synced_gpus,
+            discrete_input=self.config.discrete_input,
+            s_hi=self._s_hi(model) if self.config.discrete_input == "noisy_states" else None,
+        )
+        state = self.init_state(inputs, noise, model.config.mask_token_id)
+        num_steps = int(state.num_positions.max()) if state.num_positions.numel() else 0
+        if synced_gpus:  # every rank runs as many steps as the longest row of any rank
+            num_steps = _max_over_ranks(num_steps, state.tokens.device)
+        with self._progress(num_steps, progress_bar) as progress:
+            for k in range(num_steps):
+                state = self.step(state, denoiser.from_tokens(state.tokens))
+                recorder(k, state)
+                progress.update(1)
+        return state, denoiser.nfe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DSL stochastic-localization SDE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContinuousState:
+    """State of the SDE.
+
+    Attributes:
+        z: `[B, L, d]` noisy states (fixed tokens at s_hi e_x, padding at 0).
+        grid: `[B or 1, L or 1, K + 1]` float64 SNR grid (per-token grids allowed).
+        tokens: `[B, L]` the current draft, argmax p(x | z) at generated positions.
+        confidences: `[B, L]` the draft's probabilities.
+    """
+
+    z: torch.Tensor
+    grid: torch.Tensor
+    tokens: torch.LongTensor
+    generatable: torch.BoolTensor
+    confidences: torch.Tensor
+    noise: NoiseSource
+    step_index: int = 0
+
+
+class DSLSDESampler(DiffusionSampler):
+    """The stochastic-localization SDE of DSL: starting from z = sqrt(s_0) xi (0 for s_0 = 0), on an SNR grid
+    s_0 < ... < s_K, z <- z + x_hat(z) (s_{k+1} - s_k) + sqrt(s_{k+1} - s_k) xi with x_hat = E_p(x|z)[e_x];
+    tokens = argmax p(x | z_K). Exact in the limit of a fine grid: z_s has the law of s e_x + W_s."""
+
+    name = "dsl-sde"
+    config_class = SDEConfig
+
+    def build_grid(self, model, snr_grid_override=None, device=None, snr_max=None, num_steps=None, schedule=None):
+        """`[1, 1, K + 1]` from the config, or a user grid of shape `[K + 1]`, `[L, K + 1]` or `[B, L, K + 1]`."""
+        if snr_grid_override is not None:
+            grid = torch.as_tensor(snr_grid_override, dtype=torch.float64, device=device)
+            if grid.dim() not in (1, 2, 3) or grid.shape[-1] < 2:
+                raise ValueError("snr_grid must have shape [K + 1], [L, K + 1] or [B, L, K + 1] with K >= 1.")
+            if (grid < 0).any() or (grid.diff(dim=-1) < 0).any() or not torch.isfinite(grid).all():
+                raise ValueError("snr_grid must be finite, >= 0 and non-decreasing along its last dimension.")
+            while grid.dim() < 3:
+                grid = grid[None]
+            return grid
+        config = self.config
+        if snr_max is None:
+            snr_max = config.snr_max if config.snr_max is not None else float(model.config.snr_max)
+        grid = snr_grid(
+            schedule or config.snr_schedule,
+            num_steps or config.num_steps,
+            snr_max,
+            snr_min=config.snr_min,
+            lognormal_mean=config.lognormal_mean,
+            lognormal_std=config.lognormal_std,
+            device=device,
+        )
+        return grid[None, None]
+
+    def init_state(self, inputs: SamplerInputs, noise: NoiseSource, denoiser: Denoiser, grid) -> ContinuousState:
+        batch, length = inputs.tokens.shape
+        if grid.shape[0] not in (1, batch) or grid.shape[1] not in (1, length):
+            raise ValueError(f"snr_grid of shape {list(grid.shape)} does not fit a batch of shape [{batch}, {length}].")
+        grid = grid.expand(batch, length, -1)
+        fixed = inputs.valid & ~inputs.generatable
+        z = denoiser.tokens_to_states(inputs.tokens.masked_fill(~fixed, denoiser.mask_token_id))
+        start = grid[..., 0][inputs.generatable].sqrt().float()
+        z[inputs.generatable] = start[:, None] * noise.sample(inputs.generatable, (z.shape[-1],), "normal", z.dtype)
+        return ContinuousState(
+            z=z,
+            grid=grid,
+            tokens=inputs.tokens.clone(),
+            generatable=inputs.generatable,
+            confidences=_initial_confidences(inputs),
+            noise=noise,
+        )
+
+    def step(self, state: ContinuousState, posterior_mean: torch.Tensor) -> ContinuousState:
+        """One Euler-Maruyama step of dz = x_hat(z) ds + dW_s from s_k to s_{k+1}."""
+        k, where = state.step_index, state.generatable
+        ds = (state.grid[..., k + 1] - state.grid[..., k])[where].float()[:, None]
+        xi = state.noise.sample(where, (state.z.shape[-1],), "normal", state.z.dtype)
+        z = state.z.clone()
+        z[where] = z[where] + posterior_mean[where].float() * ds + ds.sqrt() * xi
+        return dataclasses.replace(state, z=z, step_index=k + 1)
+
+    @staticmethod
+    def read_draft(state: ContinuousState, logits: torch.Tensor) -> ContinuousState:
+        """Set the draft to argmax p(x | z) at the generated positions (and its probability, max - logsumexp, which
+        avoids materializing a float64 softmax over the vocabulary at every step)."""
+        logits = logits[state.generatable].float()
+        best_logits, tokens = logits.max(dim=-1)
+        probs = torch.exp(best_logits - torch.logsumexp(logits, dim=-1)).double()
+        draft, confidences = state.tokens.clone(), state.confidences.clone()
+        draft[state.generatable], confidences[state.generatable] = tokens, probs
+        return dataclasses.replace(state, tokens=draft, confidences=confidences)
+
+    def integrate(self, model, state, denoiser, recorder, progress) -> tuple[ContinuousState, torch.Tensor]:
+        """Run the Euler steps over the state's grid; returns the final state (its draft read at z_K) and the
+        logits at z_K. One network call per grid point."""
+        logits = denoiser.from_states(state.z)
+        for k in range(state.grid.shape[-1] - 1):
+            state = self.step(state, model.posterior_mean(logits))
+            logits = denoiser.from_states(state.z)  # the next step's drift, and the draft after this step
+            state = self.read_draft(state, logits)
+            recorder(k, state)
+            progress.update(1)
+        return state, logits
+
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, snr_grid=None):
+        s_hi = self.config.s_hi if self.config.s_hi is not None else float(model.config.snr_max)
+        denoiser = Denoiser(model, inputs.attention_mask, synced_gpus=synced_gpus, s_hi=s_hi)
+        grid = self.build_grid(model, snr_grid, device=inputs.tokens.device)
+        state = self.init_state(inputs, noise, denoiser, grid)
+        with self._progress(grid.shape[-1] - 1, progress_bar) as progress:
+            state, _ = self.integrate(model, state, denoiser, recorder, progress)
+        return state, denoiser.nfe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hybrid continuous-then-discrete
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class HybridSampler(DiffusionSampler):
+    """Continuous then discrete (DSL paper, T = 48): the SDE for T_c steps up to SNR s*; commit the confident
+    positions to their argmax token (at s_hi) and the rest to `[MASK]`; finish with T_d = T - T_c discrete
+    MDLM / ReMDM steps started at each row's masked fraction. NFE = T_c + 1 (SDE and commit) + T_d (+ 1 if the
+    final noise removal is needed)."""
+
+    name = "hybrid"
+    config_class = HybridConfig
+
+    def commit(self, state: ContinuousState, logits: torch.Tensor, mask_token_id: int) -> tuple[torch.Tensor, ...]:
+        """(tokens with the non-committed positions masked, psi) from p(x | z_{T_c})."""
+        config = self.config
+        where = state.generatable
+        best_probs = torch.zeros(where.shape, dtype=torch.float64, device=where.device)
+        best_tokens = torch.zeros_like(state.tokens)
+        log_probs = sampling_log_probs(logits[where], config.temperature, config.top_p)
+        best_log_probs, best_tokens[where] = log_probs.max(dim=-1)
+        best_probs[where] = best_log_probs.exp()
+        if config.commit_rule == "threshold":
+            committed = where & (best_probs >= config.commit_threshold)
+        else:
+            ranking = best_probs.masked_fill(~where, -1.0).argsort(dim=-1, descending=True, stable=True)
+            rank = ranking.argsort(dim=-1)  # rank of each position by confidence, 0 = most confident
+            quota = (where.sum(dim=-1, keepdim=True) * config.commit_fraction).floor().long()
+            committed = where & (rank < quota)
+        tokens = state.tokens.clone()
+        tokens[where] = mask_token_id
+        tokens[committed] = best_tokens[committed]
+        confidences = state.confidences.clone()
+        confidences[where] = 0.0
+        confidences[committed] = best_probs[committed]
+        return tokens, confidences
+
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+        config = self.config
+        mask_token_id = model.config.mask_token_id
+        s_hi = self._s_hi(model)
+        discrete = (ReMDMSampler if config.discrete_strategy != "mdlm" else MDLMSampler)(config.discrete_config())
+        sde = DSLSDESampler(
+            SDEConfig(
+                num_steps=config.continuous_steps,
+                snr_schedule=config.snr_schedule,
+                snr_min=config.snr_min,
+                snr_max=config.snr_star,
+                lognormal_mean=config.lognormal_mean,
+                lognormal_std=config.lognormal_std,
+                s_hi=s_hi,
+            )
+        )
+        denoiser = Denoiser(
+            model,
+            inputs.attention_mask,
+            use_cache=config.use_cache and not getattr(model.config, "time_conditioning", False),
+            synced_gpus=synced_gpus,
+            discrete_input=config.discrete_input,
+            s_hi=s_hi,
+        )
+        with self._progress(config.num_steps, progress_bar) as progress:
+            grid = sde.build_grid(model, device=inputs.tokens.device)
+            continuous = sde.init_state(inputs, noise, denoiser, grid)
+            continuous, logits = sde.integrate(model, continuous, denoiser, recorder, progress)
+            tokens, confidences = self.commit(continuous, logits, mask_token_id)
+
+            generatable = inputs.generatable
+            if config.discrete_t_start is not None:
+                t_start = torch.full((tokens.shape[0],), config.discrete_t_start, dtype=torch.float64)
+            else:
+                masked = (generatable & (tokens == mask_token_id)).sum(dim=-1)
+                t_start = masked.double() / generatable.sum(dim=-1).clamp_min(1).double()
+            t_start = t_start.to(tokens.device).clamp_min(config.t_min)
+            steps = torch.linspace(0.0, 1.0, discrete.config.num_steps + 1, dtype=torch.float64, device=tokens.device)
+            times = t_start[:, None] + (config.t_min - t_start[:, None]) * steps[None]
+            state = DiscreteState(
+                tokens=tokens,
+                generatable=generatable,
+                confidences=confidences,
+                times=times,
+                noise=noise,
+                mask_token_id=mask_token_id,
+            )
+            state = discrete.denoise(state, denoiser, recorder, progress, step_offset=config.continuous_steps)
+        return state, denoiser.nfe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+
+SAMPLERS = {
+    "mdlm": MDLMSampler,
+    "remdm": ReMDMSampler,
+    "dsl-sde": DSLSDESampler,
+    "hybrid": HybridSampler,
+    "roar": ROARSampler,
+}
+# "remdm-cap" etc., the names of the ReMDM code, select the strategy.
+SAMPLER_ALIASES = {f"remdm-{strategy}": ("remdm", {"strategy": strategy}) for strategy in REMDM_STRATEGIES}
+
+
+def sampler_knobs(name: str) -> tuple[str, ...]:
+    """The config fields (knobs) of a sampler."""
+    name, _ = resolve_sampler_name(name)
+    return tuple(field.name for field in dataclasses.fields(SAMPLERS[name].config_class))
+
+
+def resolve_sampler_name(name: str) -> tuple[str, dict]:
+    """(canonical name, knobs implied by the name). Raises a ValueError listing the accepted names."""
+    if name in SAMPLERS:
+        return name, {}
+    if name in SAMPLER_ALIASES:
+        return SAMPLER_ALIASES[name]
+    accepted = ", ".join(map(repr, list(SAMPLERS) + list(SAMPLER_ALIASES)))
+    raise ValueError(f"sampler={name!r} is not supported; accepted: {accepted}.")
+
+
+def get_sampler(name: str, **knobs) -> DiffusionSampler:
+    """Build a sampler by name (`"mdlm"`, `"remdm"`, `"remdm-loop"`, `"dsl-sde"`, `"hybrid"`, `"roar"`) from knobs.
+    A knob that the sampler does not have raises a ValueError naming the accepted ones."""
+    canonical, implied = resolve_sampler_name(name)
+    sampler_class = SAMPLERS[canonical]
+    accepted = {field.name for field in dataclasses.fields(sampler_class.config_class)}
+    unknown = sorted(set(knobs) - accepted)
+    if unknown:
+        raise ValueError(f"{unknown} not knobs of sampler {canonical!r}; accepted: {sorted(accepted)}.")
+    return sampler_class(**{**knobs, **implied})
+
+
+__all__ = [
+    "SamplerOutput",
+    "SamplingConfig",
+    "MDLMConfig",
+    "ReMDMConfig",
+    "ROARConfig",
+    "SDEConfig",
+    "HybridConfig",
+    "DiffusionSampler",
+    "MDLMSampler",
+    "ReMDMSampler",
+    "ROARSampler",
+    "DSLSDESampler",
+    "HybridSampler",
+    "DiscreteState",
+    "ContinuousState",
+    "ROARState",
+    "NoiseSource",
+    "Denoiser",
+    "SamplerInputs",
+    "prepare_inputs",
+    "time_grid",
+    "snr_grid",
+    "top_p_filter",
+    "sampling_log_probs",
+    "gumbel_argmax",
+    "get_sampler",
+    "sampler_knobs",
+    "resolve_sampler_name",
+    "SAMPLERS",
+    "SAMPLER_ALIASES",
+]

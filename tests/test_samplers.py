@@ -1,0 +1,700 @@
+"""Known-answer tests of the samplers (dsl_diffusion.pipelines.samplers).
+
+The toy denoisers below expose the model's interface and compute the EXACT posterior by enumerating every sequence
+of a tiny vocabulary and length: p(x | evidence) is proportional to p(x) prod_i exp(l_i(x_i)), where the evidence
+l_i is 0 / -inf for an observed token, 0 for `[MASK]`, and <z_i, e_v> for a noisy state (unit-norm directions e_v).
+Targets: (a) independent tokens with given marginals, (b) a 3-state Markov chain of length 3.
+
+Distribution tests draw 10,000 sequences in one batch with a fixed seed (so they are deterministic) and use a
+chi-square goodness-of-fit test at significance 1e-3 on the joint distribution of whole sequences. Negative
+controls (a sampler that must be wrong) check that the test has the power to notice.
+"""
+
+import itertools
+import math
+import os
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.pipelines.samplers import (
+    DSLSDESampler,
+    HybridConfig,
+    HybridSampler,
+    MDLMConfig,
+    MDLMSampler,
+    ReMDMConfig,
+    ReMDMSampler,
+    ROARSampler,
+    SDEConfig,
+    SamplingConfig,
+    gumbel_argmax,
+    get_sampler,
+    sampling_log_probs,
+    snr_grid,
+    time_grid,
+    top_p_filter,
+)
+
+SIGNIFICANCE = 1e-3
+NUM_SAMPLES = 10_000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Toy denoisers with a closed-form posterior
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ExactPosteriorToy(nn.Module):
+    """Exact denoiser of a distribution over all V^L sequences, given by `log_joint` (one entry per sequence in
+    itertools.product order). Same interface as DSLForMaskedDiffusion; counts its forward calls."""
+
+    def __init__(self, log_joint, vocab_size, length, embed_dim=3, snr_max=100.0, seed=0):
+        super().__init__()
+        sequences = torch.tensor(list(itertools.product(range(vocab_size), repeat=length)))
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("sequences", sequences)
+        self.register_buffer("one_hot", F.one_hot(sequences, vocab_size).double())
+        self.register_buffer("log_joint", log_joint.double())
+        self.register_buffer("directions", F.normalize(torch.randn(vocab_size, embed_dim, generator=generator), dim=-1))
+        self.config = SimpleNamespace(
+            mask_token_id=vocab_size,
+            vocab_size=vocab_size,
+            snr_max=snr_max,
+            max_position_embeddings=length,
+            time_conditioning=False,
+        )
+        self.calls = 0
+        self.drift_scale = 1.0  # != 1 makes posterior_mean deliberately wrong
+        self.eval()
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.log_joint.exp()
+
+    def evidence(self, input_ids=None, noisy_states=None) -> torch.Tensor:
+        """Per-position log-evidence l_i(v), `[B, L, V]` float64."""
+        vocab_size = self.config.vocab_size
+        if noisy_states is not None:
+            return noisy_states.double() @ self.directions.double().T
+        observed = input_ids != vocab_size
+        is_value = F.one_hot(input_ids.clamp(max=vocab_size - 1), vocab_size).bool()
+        log_indicator = torch.zeros(is_value.shape, dtype=torch.float64).masked_fill(~is_value, -torch.inf)
+        return torch.where(observed[..., None], log_indicator, 0.0)
+
+    def forward(self, input_ids=None, noisy_states=None, attention_mask=None):
+        self.calls += 1
+        evidence = self.evidence(input_ids, noisy_states)
+        batch, length, _ = evidence.shape
+        per_sequence = evidence.gather(-1, self.sequences.T[None].expand(batch, length, -1)).sum(dim=1)
+        posterior = (self.log_joint[None] + per_sequence).softmax(dim=-1)  # p(x | evidence) over all sequences
+        marginals = torch.einsum("bn,nlv->blv", posterior, self.one_hot)
+        return SimpleNamespace(logits=marginals.clamp_min(1e-30).log().float())
+
+    def token_directions(self):
+        return self.directions
+
+    def posterior_mean(self, logits):
+        return self.drift_scale * (logits.double().softmax(dim=-1) @ self.directions.double()).float()
+
+    def noisy_states(self, input_ids, snr, generator=None):
+        """The localization channel z = s e_x + sqrt(s) eps."""
+        directions = self.directions[input_ids]
+        return snr * directions + math.sqrt(snr) * torch.randn(directions.shape, generator=generator)
+
+
+def independent_toy(marginals, **kwargs):
+    marginals = torch.tensor(marginals, dtype=torch.float64)
+    length, vocab_size = marginals.shape
+    sequences = torch.tensor(list(itertools.product(range(vocab_size), repeat=length)))
+    return ExactPosteriorToy(marginals.log().gather(1, sequences.T).sum(0), vocab_size, length, **kwargs)
+
+
+def markov_toy(initial, transition, length, **kwargs):
+    initial, transition = torch.tensor(initial).double(), torch.tensor(transition).double()
+    vocab_size = initial.shape[0]
+    sequences = torch.tensor(list(itertools.product(range(vocab_size), repeat=length)))
+    log_joint = initial.log()[sequences[:, 0]]
+    for i in range(1, length):
+        log_joint = log_joint + transition.log()[sequences[:, i - 1], sequences[:, i]]
+    return ExactPosteriorToy(log_joint, vocab_size, length, **kwargs)
+
+
+INDEPENDENT_MARGINALS = [[0.05, 0.1, 0.25, 0.6], [0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]]
+MARKOV_INITIAL = [0.5, 0.3, 0.2]
+MARKOV_TRANSITION = [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.3, 0.3, 0.4]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The toys work on many tiny tensors: one intra-op thread is faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def independent():
+    return independent_toy(INDEPENDENT_MARGINALS)
+
+
+@pytest.fixture(scope="module")
+def markov():
+    return markov_toy(MARKOV_INITIAL, MARKOV_TRANSITION, length=3)
+
+
+def sequence_counts(sequences, vocab_size):
+    length = sequences.shape[1]
+    index = (sequences * vocab_size ** torch.arange(length - 1, -1, -1)).sum(dim=1)
+    return torch.bincount(index, minlength=vocab_size**length).double()
+
+
+def chi_square_pvalue(sequences, target, vocab_size):
+    counts = sequence_counts(sequences, vocab_size)
+    keep = target > 0
+    assert counts[~keep].sum() == 0, "sampled a sequence of probability 0"
+    expected = target[keep] / target[keep].sum() * counts.sum()
+    return stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue
+
+
+def total_variation(sequences, target, vocab_size):
+    counts = sequence_counts(sequences, vocab_size)
+    return 0.5 * (counts / counts.sum() - target).abs().sum().item()
+
+
+def sample(sampler, model, seed=0, **kwargs):
+    kwargs.setdefault("batch_size", NUM_SAMPLES)
+    return sampler.run(model, generator=torch.Generator().manual_seed(seed), progress_bar=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_dsl():
+    torch.manual_seed(0)
+    config = DSLConfig(
+        vocab_size=32, mask_token_id=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, cond_dim=16, max_position_embeddings=64, embed_dim=8,
+    )  # fmt: skip
+    return DSLForMaskedDiffusion(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numerics: nucleus, temperature, Gumbel-max, grids
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_top_p_keeps_cumulative_mass_at_most_p_and_the_top_token():
+    probs = torch.tensor([[0.0625, 0.5, 0.1875, 0.25]], dtype=torch.float64)  # sorted: .5, .25, .1875, .0625
+    # cumulative (sorted) = .5, .75, .9375, 1 ; keep those <= p, always the top-1, renormalize
+    assert torch.allclose(top_p_filter(probs, 0.75), torch.tensor([[0, 2 / 3, 0, 1 / 3]], dtype=torch.float64))
+    expected = torch.tensor([[0, 0.5, 0.1875, 0.25]], dtype=torch.float64) / 0.9375
+    assert torch.allclose(top_p_filter(probs, 0.95), expected)
+    # 0.6 < 0.75: unlike HF's TopPLogitsWarper (which keeps the token that crosses p), only the top-1 survives.
+    assert torch.equal(top_p_filter(probs, 0.6), torch.tensor([[0, 1.0, 0, 0]], dtype=torch.float64))
+    assert torch.equal(top_p_filter(probs, 0.1), torch.tensor([[0, 1.0, 0, 0]], dtype=torch.float64))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+    batch = torch.tensor([[0.5, 0.25, 0.25], [0.125, 0.125, 0.75]], dtype=torch.float64)
+    assert torch.allclose(top_p_filter(batch, 0.8), torch.tensor([[2 / 3, 1 / 3, 0], [0, 0, 1]], dtype=torch.float64))
+
+
+def test_temperature_and_nucleus_log_probs():
+    logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    tempered = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64) ** 2
+    assert torch.allclose(sampling_log_probs(logits, temperature=0.5).exp(), tempered / tempered.sum())
+    both = sampling_log_probs(logits, temperature=0.5, top_p=0.8).exp()  # tempered: .66, .24, .11 -> keep 1
+    assert torch.allclose(both, torch.tensor([[1.0, 0, 0]], dtype=torch.float64))
+
+
+def test_gumbel_argmax_draws_the_categorical_and_never_a_zero_probability_class():
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.2], dtype=torch.float64)
+    uniforms = torch.rand(50_000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    draws = gumbel_argmax(probs.log().expand(50_000, 4), uniforms)
+    counts = torch.bincount(draws, minlength=4).double()
+    assert counts[2] == 0
+    pvalue = stats.chisquare(counts[[0, 1, 3]].numpy(), (50_000 * probs[[0, 1, 3]]).numpy()).pvalue
+    assert pvalue > SIGNIFICANCE
+
+
+def test_mask_class_of_an_mdlm_style_head_is_never_sampled():
+    class MaskHeadToy(nn.Module):  # V + 1 outputs, the [MASK] logit by far the largest
+        config = SimpleNamespace(mask_token_id=4, max_position_embeddings=6, time_conditioning=False)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            logits = torch.zeros(*input_ids.shape, 5)
+            logits[..., 4] = 50.0
+            return SimpleNamespace(logits=logits)
+
+    for name in ("mdlm", "remdm", "roar"):
+        kwargs = {} if name == "roar" else {"num_steps": 4}
+        out = sample(get_sampler(name, **kwargs), MaskHeadToy(), batch_size=64)
+        assert (out.sequences < 4).all()
+
+
+def test_time_and_snr_grids():
+    grid = time_grid(4)
+    assert grid.dtype == torch.float64 and grid[0] == 1 and grid[-1] == 1e-5 and len(grid) == 5
+    for schedule in ("linear", "log-linear", "log-normal"):
+        grid = snr_grid(schedule, 16, snr_max=100.0)
+        assert len(grid) == 17 and grid[-1] == 100.0 and (grid.diff() > 0).all()
+    assert snr_grid("linear", 4, 100.0)[0] == 0 and snr_grid("log-normal", 4, 100.0)[0] == 0
+    assert torch.allclose(snr_grid("log-linear", 2, 100.0, snr_min=1.0), torch.tensor([1.0, 10.0, 100.0]).double())
+    # log-normal grid = quantiles of logN(2.69, 1.41) at equally spaced levels of [0, F(100)]
+    law = stats.lognorm(s=1.41, scale=math.exp(2.69))
+    levels = torch.linspace(0, law.cdf(100.0), 9, dtype=torch.float64).numpy()
+    assert torch.allclose(snr_grid("log-normal", 8, 100.0), torch.tensor(law.ppf(levels)), rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Discrete samplers reproduce the target distribution
+# ---------------------------------------------------------------------------------------------------------------
+
+INDEPENDENT_CASES = {
+    "mdlm": lambda: MDLMSampler(num_steps=8),
+    "remdm-cap": lambda: ReMDMSampler(strategy="cap", eta=0.5, num_steps=8),
+    "remdm-rescale": lambda: ReMDMSampler(strategy="rescale", eta=1.0, num_steps=8),
+    # conf remasks the less likely values more often: exact only as sigma_max -> 0, below resolution here
+    "remdm-conf": lambda: ReMDMSampler(strategy="conf", num_steps=16),
+    "remdm-loop": lambda: ReMDMSampler(strategy="loop", eta=0.1, num_steps=32),  # >= 21 steps reach phase 3
+    "roar": lambda: ROARSampler(),
+}
+
+
+@pytest.mark.parametrize("name", INDEPENDENT_CASES)
+def test_discrete_samplers_reproduce_independent_marginals(independent, name):
+    out = sample(INDEPENDENT_CASES[name](), independent, seed=1)
+    assert chi_square_pvalue(out.sequences, independent.target, 4) > SIGNIFICANCE
+
+
+# A step draws every token it unmasks independently from its per-position marginal, so on a correlated target
+# MDLM / ReMDM are exact only when a step rarely unmasks two tokens: many steps, and an eta small enough that the
+# remasked tokens trickle back (at sigma = sigma_max every masked token unmasks at once). conf is only
+# approximately exact (its remasking depends on the token values): a TV bound, not a goodness-of-fit test.
+MARKOV_CASES = {
+    "mdlm": lambda: MDLMSampler(num_steps=64),
+    "remdm-cap": lambda: ReMDMSampler(strategy="cap", eta=0.04, num_steps=64),
+    "remdm-rescale": lambda: ReMDMSampler(strategy="rescale", eta=0.02, num_steps=64),
+    "remdm-loop": lambda: ReMDMSampler(strategy="loop", eta=0.01, num_steps=128),
+    "roar": lambda: ROARSampler(),
+}
+
+
+@pytest.mark.parametrize("name", MARKOV_CASES)
+def test_discrete_samplers_reproduce_markov_chain(markov, name):
+    out = sample(MARKOV_CASES[name](), markov, seed=1)
+    assert chi_square_pvalue(out.sequences, markov.target, 3) > SIGNIFICANCE
+
+
+def test_remdm_conf_is_close_to_the_markov_chain(markov):
+    out = sample(ReMDMSampler(strategy="conf", num_steps=128), markov, seed=1)
+    assert total_variation(out.sequences, markov.target, 3) < 0.04
+
+
+def test_chi_square_has_power_one_step_mdlm_samples_the_product_of_marginals(markov):
+    out = sample(MDLMSampler(num_steps=1), markov, seed=1)
+    assert chi_square_pvalue(out.sequences, markov.target, 3) < 1e-6
+
+
+def test_nucleus_and_temperature_give_the_filtered_marginals(independent):
+    marginals = torch.tensor(INDEPENDENT_MARGINALS, dtype=torch.float64)
+    filtered = top_p_filter(marginals ** 2 / (marginals**2).sum(-1, keepdim=True), 0.9)
+    sequences = torch.tensor(list(itertools.product(range(4), repeat=3)))
+    target = filtered.gather(1, sequences.T).prod(0)
+    for sampler in (MDLMSampler(num_steps=8, top_p=0.9, temperature=0.5), ROARSampler(top_p=0.9, temperature=0.5)):
+        out = sample(sampler, independent, seed=2)
+        assert chi_square_pvalue(out.sequences, target, 4) > SIGNIFICANCE
+
+
+def conditional_target(model, fixed: dict):
+    """p(x | x_i = v for i, v in fixed) over all sequences, by enumeration."""
+    target = model.target.clone()
+    for position, value in fixed.items():
+        target[model.sequences[:, position] != value] = 0
+    return target / target.sum()
+
+
+@pytest.mark.parametrize("name", ["mdlm", "remdm-cap", "roar", "hybrid"])
+@pytest.mark.parametrize("fixed", [{0: 2}, {1: 0}], ids=["prefix", "infill"])
+def test_conditioning_reproduces_the_exact_conditional(markov, name, fixed):
+    input_ids = torch.full((NUM_SAMPLES, 3), 3)
+    for position, value in fixed.items():
+        input_ids[:, position] = value
+    kwargs = {
+        "mdlm": {"num_steps": 64},
+        "remdm-cap": {"num_steps": 64, "eta": 0.5},
+        "roar": {},
+        # commit nothing (threshold 1): the discrete phase then restarts from all-[MASK] and must be exact
+        "hybrid": {"num_steps": 66, "continuous_steps": 2, "commit_threshold": 1.0},
+    }[name]
+    out = sample(get_sampler(name, **kwargs), markov, seed=3, input_ids=input_ids)
+    for position, value in fixed.items():
+        assert (out.sequences[:, position] == value).all()
+    assert chi_square_pvalue(out.sequences, conditional_target(markov, fixed), 3) > SIGNIFICANCE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SDE converges as the grid is refined, and fails with a wrong drift
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("toy_name,schedule", [("independent", "log-linear"), ("markov", "log-linear"), ("markov", "log-normal"), ("markov", "linear")])
+def test_sde_converges_as_the_grid_is_refined(request, toy_name, schedule):
+    toy = request.getfixturevalue(toy_name)
+    vocab_size = toy.config.vocab_size
+    distances = []
+    for num_steps in (4, 16, 64):
+        out = sample(DSLSDESampler(num_steps=num_steps, snr_schedule=schedule), toy, seed=4)
+        assert out.nfe == num_steps + 1
+        distances.append(total_variation(out.sequences, toy.target, vocab_size))
+    assert distances[0] > distances[1] > distances[2], distances
+    assert distances[0] > 2.5 * distances[2], distances  # Euler-Maruyama: roughly O(1/K)
+    if schedule != "linear":  # the linear grid wastes steps at high SNR: slower, but still converging
+        assert distances[2] < 0.05, distances
+
+
+@pytest.mark.parametrize("toy_name", ["independent", "markov"])
+def test_sde_with_a_wrong_drift_fails_visibly(request, toy_name):
+    toy = request.getfixturevalue(toy_name)
+    vocab_size = toy.config.vocab_size
+    right = total_variation(sample(DSLSDESampler(num_steps=64), toy, seed=4).sequences, toy.target, vocab_size)
+    toy.drift_scale = 0.3
+    try:
+        wrong = total_variation(sample(DSLSDESampler(num_steps=64), toy, seed=4).sequences, toy.target, vocab_size)
+    finally:
+        toy.drift_scale = 1.0
+    assert wrong > 0.15 and wrong > 4 * right, (wrong, right)
+
+
+def test_sde_intermediate_state_has_the_law_of_the_localization_channel(markov):
+    """z_s of the SL SDE is distributed as s e_x + sqrt(s) eps with x ~ p: compare the first two moments with
+    draws from the channel itself (toy.noisy_states) at s = 4."""
+    captured = {}
+    grid = snr_grid("log-linear", 64, snr_max=4.0)
+
+    def keep_last_state(step_index, state):
+        captured["z"] = state.z
+
+    sample(DSLSDESampler(num_steps=64), markov, seed=5, snr_grid=grid, callback=keep_last_state)
+    sde_states = captured["z"].double()
+    reference_tokens = markov.sequences[torch.multinomial(markov.target, NUM_SAMPLES, replacement=True)]
+    reference = markov.noisy_states(reference_tokens, 4.0, generator=torch.Generator().manual_seed(6)).double()
+    standard_error = reference.std(dim=0) / math.sqrt(NUM_SAMPLES)
+    assert ((sde_states.mean(0) - reference.mean(0)).abs() < 5 * math.sqrt(2) * standard_error).all()
+    assert torch.allclose(sde_states.var(0), reference.var(0), rtol=0.1)
+
+
+def test_sde_per_token_grids(markov):
+    """A per-token grid (position 0 on a log-normal grid, the others log-linear) is still exact in the limit."""
+    grids = torch.stack(
+        [snr_grid("log-normal", 64, 100.0), snr_grid("log-linear", 64, 100.0), snr_grid("log-linear", 64, 100.0)]
+    )
+    out = sample(DSLSDESampler(), markov, seed=4, snr_grid=grids)
+    assert out.nfe == 65
+    assert total_variation(out.sequences, markov.target, 3) < 0.05
+    with pytest.raises(ValueError, match="does not fit"):
+        sample(DSLSDESampler(), markov, snr_grid=torch.stack([grids[0]] * 5))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        sample(DSLSDESampler(), markov, snr_grid=grids.flip(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReMDM sigma schedules and the hybrid commit, on hand-computed values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def discrete_state(tokens, confidences, mask_token_id=9):
+    tokens = torch.tensor(tokens)
+    return SimpleNamespace(
+        tokens=tokens,
+        generatable=torch.ones_like(tokens, dtype=torch.bool),
+        confidences=torch.tensor(confidences, dtype=torch.float64),
+        mask_token_id=mask_token_id,
+    )
+
+
+def test_remdm_sigma_schedules_by_hand():
+    t, s = torch.tensor([[0.5]], dtype=torch.float64), torch.tensor([[0.25]], dtype=torch.float64)
+    state = discrete_state([[1, 9, 2, 3]], [[0.9, 0.0, 0.5, 0.2]])
+    sigma_max = 0.25 / 0.5  # min(1, (1 - alpha_s) / alpha_t) with alpha_t = .5, alpha_s = .75
+    _, _, sigma = ReMDMSampler(strategy="cap", eta=0.3).schedule(t, s, state)
+    assert sigma.item() == pytest.approx(0.3)
+    _, _, sigma = ReMDMSampler(strategy="cap", eta=0.8).schedule(t, s, state)
+    assert sigma.item() == pytest.approx(sigma_max)
+    _, _, sigma = ReMDMSampler(strategy="rescale", eta=0.4).schedule(t, s, state)
+    assert sigma.item() == pytest.approx(0.4 * sigma_max)
+    alpha_t, alpha_s, sigma = ReMDMSampler(strategy="conf").schedule(t, s, state)
+    weights = torch.tensor([math.exp(-0.9), 0.0, math.exp(-0.5), math.exp(-0.2)])
+    expected = sigma_max * weights / weights.sum()  # softmax(-psi) over the decoded positions only
+    assert torch.allclose(sigma.float(), expected[None], atol=1e-7)
+    assert (alpha_t.item(), alpha_s.item()) == (0.5, 0.75)
+    _, _, sigma = MDLMSampler().schedule(t, s, state)
+    assert sigma.item() == 0
+
+
+def test_remdm_loop_schedule_by_hand():
+    sampler = ReMDMSampler(strategy="loop", eta=0.02, t_on=0.5, t_off=0.1, alpha_on=0.8)
+
+    def at(t, s):
+        tensors = (torch.tensor([[t]], dtype=torch.float64), torch.tensor([[s]], dtype=torch.float64))
+        return [value.item() for value in sampler.schedule(*tensors, None)]
+
+    assert at(1.0, 0.75) == pytest.approx([0.0, 0.4, 0.0])  # phase 1: alpha = 0.8 (1 - t) / (1 - 0.5)
+    assert at(0.75, 0.45) == pytest.approx([0.4, 0.8, 0.0])  # reaches alpha_on at t_on, never beyond
+    assert at(0.45, 0.3) == pytest.approx([0.8, 0.8, 0.02])  # phase 2: alpha held, remasking at eta
+    assert at(0.15, 0.05) == pytest.approx([0.8, 0.8, 0.02])  # phase chosen by the step's start time
+    assert at(0.1, 0.05) == pytest.approx([0.8, 0.9, 0.0])  # phase 3: alpha = 1 - 0.2 t / 0.1
+
+
+def test_remdm_loop_warns_when_the_grid_never_reaches_phase_3(independent, caplog):
+    with caplog.at_level("WARNING"):
+        sample(ReMDMSampler(strategy="loop", num_steps=16), independent, batch_size=2)
+    assert "num_steps >= 21" in caplog.text
+
+
+def test_hybrid_commit_rules_by_hand():
+    logits = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]]).log_softmax(-1)
+    probs = logits.double().exp().max(-1).values  # .987, .333, .909, .576
+    state = SimpleNamespace(
+        tokens=torch.full((1, 4), 3), generatable=torch.ones(1, 4, dtype=torch.bool), confidences=torch.zeros(1, 4).double()
+    )
+    tokens, confidences = HybridSampler(commit_threshold=0.9).commit(state, logits, mask_token_id=3)
+    assert tokens.tolist() == [[0, 3, 1, 3]]
+    assert torch.allclose(confidences, torch.tensor([[probs[0, 0], 0, probs[0, 2], 0]]).double())
+    tokens, _ = HybridSampler(commit_rule="top_fraction", commit_fraction=0.75).commit(state, logits, 3)
+    assert tokens.tolist() == [[0, 3, 1, 2]]  # the 3 most confident of 4 positions
+    tokens, _ = HybridSampler(commit_rule="top_fraction", commit_fraction=0.0).commit(state, logits, 3)
+    assert tokens.tolist() == [[3, 3, 3, 3]]
+
+
+def test_hybrid_nfe_and_trajectory(markov):
+    sampler = HybridSampler(num_steps=12, continuous_steps=4, snr_star=20.0, use_cache=False)
+    out = sample(sampler, markov, batch_size=8, return_trajectory=True)
+    # T_c SDE steps + the commit posterior + T_d discrete steps (+ at most one noise-removal call)
+    assert out.nfe in (4 + 1 + 8, 4 + 1 + 8 + 1)
+    assert len(out.trajectory) == 12 and torch.equal(out.trajectory[-1], out.sequences)
+
+
+def test_hybrid_with_a_near_clean_commit_converges_as_the_continuous_phase_is_refined(independent):
+    """Committing at s* = 100 with threshold 0.999 keeps the SDE's tokens, which converge as T_c grows; the few
+    uncommitted positions are finished by exact MDLM. (At a moderate s* the commit is a heuristic: whether a token
+    is committed depends on its value, a bias that does not vanish with T_c.)"""
+    distances = []
+    for continuous_steps in (4, 16, 64):
+        sampler = HybridSampler(num_steps=continuous_steps + 8, continuous_steps=continuous_steps, snr_star=100.0, commit_threshold=0.999)
+        distances.append(total_variation(sample(sampler, independent, seed=7).sequences, independent.target, 4))
+    assert distances[0] > distances[1] > distances[2] and distances[2] < 0.04, distances
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache, conditioning, batching, determinism, outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mdlm", "remdm-cap", "remdm-loop"])
+def test_cache_gives_identical_samples_with_fewer_real_calls(markov, name):
+    results = {}
+    for use_cache in (True, False):
+        markov.calls = 0
+        sampler = get_sampler(name, num_steps=64, use_cache=use_cache)
+        out = sample(sampler, markov, seed=8, batch_size=3)
+        assert out.nfe == markov.calls  # NFE counts real network calls
+        results[use_cache] = out
+    assert torch.equal(results[True].sequences, results[False].sequences)
+    assert results[True].nfe < results[False].nfe
+    assert results[False].nfe in (64, 65)
+
+
+ALL_SAMPLERS = {
+    "mdlm": lambda: MDLMSampler(num_steps=8),
+    "remdm-rescale": lambda: ReMDMSampler(strategy="rescale", eta=1.0, num_steps=8),  # remasks the most
+    "remdm-conf": lambda: ReMDMSampler(strategy="conf", num_steps=8),
+    "remdm-loop": lambda: ReMDMSampler(strategy="loop", eta=0.1, num_steps=24),
+    "remdm-noisy-states": lambda: ReMDMSampler(strategy="cap", num_steps=8, discrete_input="noisy_states"),
+    "dsl-sde": lambda: DSLSDESampler(num_steps=8),
+    "hybrid": lambda: HybridSampler(num_steps=8, commit_rule="top_fraction"),
+    "roar": lambda: ROARSampler(),
+}
+
+
+def row_generators(seeds):
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
+def test_fixed_tokens_never_change_and_no_mask_is_left(tiny_dsl, name):
+    mask = tiny_dsl.config.mask_token_id
+    input_ids = torch.randint(0, 32, (4, 24), generator=torch.Generator().manual_seed(0))
+    input_ids[:, 6:] = mask  # prefix of 6 tokens
+    input_ids[2:, 10:14] = 5  # rows 2, 3: a fixed span inside the generated part (infilling)
+    out = ALL_SAMPLERS[name]().run(tiny_dsl, input_ids, generator=row_generators(range(4)), progress_bar=False)
+    fixed = input_ids != mask
+    assert torch.equal(out.sequences[fixed], input_ids[fixed])
+    assert (out.sequences < 32).all()
+
+
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
+def test_a_row_of_a_left_padded_batch_equals_the_row_alone(tiny_dsl, name):
+    mask, pad = tiny_dsl.config.mask_token_id, 0
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5]]
+    new_tokens = 12
+    width = max(map(len, prompts)) + new_tokens
+    batch = torch.full((3, width), pad)
+    attention_mask = torch.zeros(3, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        sequence = torch.tensor(prompt + [mask] * new_tokens)
+        batch[row, width - len(sequence) :] = sequence
+        attention_mask[row, width - len(sequence) :] = 1
+    seeds = [11, 12, 13]
+    sampler = ALL_SAMPLERS[name]()
+    batched = sampler.run(tiny_dsl, batch, attention_mask, generator=row_generators(seeds), progress_bar=False)
+    for row, prompt in enumerate(prompts):
+        alone_input = torch.tensor([prompt + [mask] * new_tokens])
+        alone = sampler.run(tiny_dsl, alone_input, generator=row_generators(seeds[row : row + 1]), progress_bar=False)
+        assert torch.equal(batched.sequences[row, width - alone_input.shape[1] :], alone.sequences[0])
+        assert (batched.sequences[row, : width - alone_input.shape[1]] == pad).all()
+
+
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
+def test_same_seed_same_samples(tiny_dsl, name):
+    sampler = ALL_SAMPLERS[name]()
+    runs = [
+        sampler.run(tiny_dsl, batch_size=3, seq_len=16, generator=torch.Generator().manual_seed(seed), progress_bar=False)
+        for seed in (0, 0, 1)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences) and runs[0].nfe == runs[1].nfe
+    assert not torch.equal(runs[0].sequences, runs[2].sequences)
+
+
+def test_trajectory_callback_and_confidences(independent):
+    steps = []
+    out = sample(
+        MDLMSampler(num_steps=6),
+        independent,
+        batch_size=500,
+        return_trajectory=True,
+        return_confidences=True,
+        callback=lambda step_index, state: steps.append(step_index),
+    )
+    assert steps == list(range(6)) and len(out.trajectory) == 6
+    assert torch.equal(out.trajectory[-1], out.sequences)
+    masked_counts = [int((draft == 4).sum()) for draft in out.trajectory]
+    assert masked_counts == sorted(masked_counts, reverse=True)  # MDLM never remasks
+    # independent tokens: psi = p_i(token) exactly
+    marginals = torch.tensor(INDEPENDENT_MARGINALS)
+    expected = marginals[torch.arange(3), out.sequences]
+    assert torch.allclose(out.confidences, expected, atol=1e-6)
+
+
+def test_roar_calls_once_per_generated_position(independent):
+    input_ids = torch.tensor([[4, 1, 4], [4, 4, 4]])
+    attention_mask = torch.tensor([[1, 1, 1], [1, 1, 1]])
+    out = ROARSampler().run(independent, input_ids, attention_mask, progress_bar=False, return_trajectory=True)
+    assert out.nfe == 3 and len(out.trajectory) == 3
+    assert (out.trajectory[0] == 4).sum() == 2 + 1  # one position revealed per row per step
+    assert out.sequences[0, 1] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation of every knob
+# ---------------------------------------------------------------------------------------------------------------
+
+INVALID = [
+    (MDLMConfig, {"num_steps": 0}, ValueError, r"num_steps=0 must be >= 1"),
+    (MDLMConfig, {"num_steps": 2.5}, TypeError, r"num_steps must be an int"),
+    (MDLMConfig, {"t_min": 0.0}, ValueError, r"t_min=0.0 is outside the accepted range \(0.0, 1.0\)"),
+    (MDLMConfig, {"use_cache": "yes"}, TypeError, r"use_cache must be True or False, got 'yes'"),
+    (HybridConfig, {"use_cache": 1}, TypeError, r"use_cache must be True or False"),
+    (SamplingConfig, {"top_p": 0.0}, ValueError, r"top_p=0.0 is outside the accepted range \(0.0, 1.0\]"),
+    (SamplingConfig, {"top_p": 1.5}, ValueError, r"top_p=1.5"),
+    (SamplingConfig, {"temperature": 0}, ValueError, r"temperature=0 is outside"),
+    (SamplingConfig, {"discrete_input": "embeddings"}, ValueError, r"discrete_input='embeddings' .* 'input_ids'"),
+    (SamplingConfig, {"s_hi": -1.0}, ValueError, r"s_hi=-1.0"),
+    (ReMDMConfig, {"strategy": "max"}, ValueError, r"strategy='max' is not supported; accepted: 'cap', 'rescale'"),
+    (ReMDMConfig, {"eta": 1.5}, ValueError, r"eta=1.5 is outside the accepted range \[0.0, 1.0\]"),
+    (ReMDMConfig, {"eta": -0.1}, ValueError, r"eta=-0.1"),
+    (ReMDMConfig, {"t_on": 0.1, "t_off": 0.2}, ValueError, r"t_off=0.2 must be < t_on=0.1"),
+    (ReMDMConfig, {"t_on": 0.3, "t_off": 0.3}, ValueError, r"t_off=0.3 must be < t_on=0.3"),
+    (ReMDMConfig, {"t_on": 1.0}, ValueError, r"t_on=1.0 is outside"),
+    (ReMDMConfig, {"alpha_on": 1.0}, ValueError, r"alpha_on=1.0 is outside"),
+    (ReMDMConfig, {"strategy": "loop", "eta": 0.5}, ValueError, r"eta=0.5 is too large for the loop"),
+    (SDEConfig, {"num_steps": -3}, ValueError, r"num_steps=-3"),
+    (SDEConfig, {"snr_schedule": "cosine"}, ValueError, r"snr_schedule='cosine' .* 'log-linear', 'log-normal', 'linear'"),
+    (SDEConfig, {"snr_min": 0.0}, ValueError, r"snr_min=0.0"),
+    (SDEConfig, {"snr_max": 1e-4}, ValueError, r"snr_max=0.0001"),
+    (SDEConfig, {"lognormal_std": 0.0}, ValueError, r"lognormal_std=0.0"),
+    (HybridConfig, {"num_steps": 1}, ValueError, r"num_steps=1 must be >= 2"),
+    (HybridConfig, {"num_steps": 8, "continuous_steps": 8}, ValueError, r"continuous_steps=8 must be in \[1, num_steps - 1\]"),
+    (HybridConfig, {"snr_star": 0.0}, ValueError, r"snr_star=0.0"),
+    (HybridConfig, {"commit_rule": "entropy"}, ValueError, r"commit_rule='entropy' .* 'threshold', 'top_fraction'"),
+    (HybridConfig, {"commit_threshold": 0.0}, ValueError, r"commit_threshold=0.0"),
+    (HybridConfig, {"commit_fraction": 1.2}, ValueError, r"commit_fraction=1.2"),
+    (HybridConfig, {"discrete_strategy": "roar"}, ValueError, r"discrete_strategy='roar' .* 'mdlm'"),
+    (HybridConfig, {"discrete_t_start": 0.0}, ValueError, r"discrete_t_start=0.0"),
+    (HybridConfig, {"eta": 2.0}, ValueError, r"eta=2.0"),
+    (HybridConfig, {"t_on": 0.2, "t_off": 0.4}, ValueError, r"t_off=0.4 must be < t_on=0.2"),
+]
+
+
+@pytest.mark.parametrize("config_class,knobs,error,message", INVALID, ids=[f"{c.__name__}-{k}" for c, k, _, _ in INVALID])
+def test_invalid_knobs_raise_clear_errors(config_class, knobs, error, message):
+    with pytest.raises(error, match=message):
+        config_class(**knobs)
+
+
+def test_invalid_names_inputs_and_models(tiny_dsl):
+    with pytest.raises(ValueError, match=r"sampler='ddim' is not supported; accepted: 'mdlm', 'remdm', 'dsl-sde'"):
+        get_sampler("ddim")
+    with pytest.raises(ValueError, match=r"\['eta'\] not knobs of sampler 'mdlm'"):
+        get_sampler("mdlm", eta=0.1)
+    assert get_sampler("remdm-loop").config.strategy == "loop" and get_sampler("remdm-loop").config.eta == 0.02
+    no_mask = SimpleNamespace(config=SimpleNamespace(mask_token_id=None), parameters=lambda: iter(()))
+    with pytest.raises(ValueError, match="no mask token"):
+        MDLMSampler().run(no_mask, batch_size=1, seq_len=4, progress_bar=False)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 32\]"):
+        MDLMSampler().run(tiny_dsl, torch.tensor([[40, 32]]), progress_bar=False)
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3 rows"):
+        MDLMSampler().run(tiny_dsl, batch_size=3, seq_len=4, generator=row_generators([0, 1]), progress_bar=False)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        MDLMSampler().run(tiny_dsl, torch.tensor([[32, 32]]), torch.ones(1, 3), progress_bar=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO-3: every rank makes the same number of forward passes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _distributed_worker(rank, world_size, init_file, result_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        toy = markov_toy(MARKOV_INITIAL, MARKOV_TRANSITION, length=3)
+        # rank 0 has nothing to generate (its state never changes: cache hits, no ROAR step), rank 1 fills 3
+        input_ids = torch.tensor([[0, 2, 1]]) if rank == 0 else torch.tensor([[3, 3, 3]])
+        calls = {}
+        for name, synced in (("mdlm", True), ("mdlm", False), ("roar", True), ("roar", False)):
+            toy.calls = 0
+            sampler = get_sampler(name, **({"num_steps": 32} if name == "mdlm" else {}))
+            sampler.run(toy, input_ids, generator=torch.Generator().manual_seed(rank), progress_bar=False, synced_gpus=synced)
+            calls[f"{name}-{synced}"] = toy.calls
+        gathered = [None] * world_size
+        torch.distributed.all_gather_object(gathered, calls)
+        if rank == 0:
+            torch.save(gathered, result_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_synced_gpus_makes_every_rank_run_the_same_number_of_forward_passes():
+    with tempfile.TemporaryDirectory() as folder:
+        init_file, result_file = os.path.join(folder, "init"), os.path.join(folder, "result.pt")
+        torch.multiprocessing.spawn(_distributed_worker, args=(2, init_file, result_file), nprocs=2, join=True)
+        rank0, rank1 = torch.load(result_file)
+    assert rank0["mdlm-True"] == rank1["mdlm-True"] >= 2
+    assert rank0["roar-True"] == rank1["roar-True"] == 3
+    # the control: without syncing, rank 0 would skip calls that rank 1 makes (a ZeRO-3 deadlock)
+    assert rank0["mdlm-False"] == 1 < rank1["mdlm-False"]
+    assert rank0["roar-False"] == 0 and rank1["roar-False"] == 3
