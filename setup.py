@@ -26,7 +26,11 @@ setup(
     python_requires=">=3.10",
     packages=[f"dsl_diffusion.{name}" for name in SUBPACKAGES],
     package_dir={f"dsl_diffusion.{name}": name for name in SUBPACKAGES},
-    package_data={"dsl_diffusion.trainer": ["ds_configs/*.json"], "dsl_diffusion.hub_cards": ["templates/*.md"]},
+    package_data={
+        "dsl_diffusion.trainer": ["ds_configs/*.json"],
+        "dsl_diffusion.hub_cards": ["templates/*.md"],
+        "dsl_diffusion.evaluation": ["evaluate_modules/*/*.py"],
+    },
     # torch is deliberately unpinned here: scripts/setup.sh installs the CPU wheel, GPU users bring their own.
     install_requires=[
         "torch>=2.4",

@@ -1,0 +1,156 @@
+"""Quality-against-compute curves: plots of a metric against NFE per sampler, and the NFE a curve needs to reach a
+baseline's quality.
+
+Plots use matplotlib's object-oriented API (``matplotlib.figure.Figure`` and its Agg canvas), so they never touch
+pyplot's global state or need a display.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+
+__all__ = ["Curve", "plot_metric_vs_nfe", "nfe_to_reach", "NFEComparison", "compare_curves", "curves_from_rows"]
+
+
+@dataclass
+class Curve:
+    """One line of a quality-against-NFE plot: a label (``"checkpoint / sampler"``) and its points."""
+
+    label: str
+    nfe: list[float]
+    values: list[float]
+
+    def __post_init__(self):
+        if len(self.nfe) != len(self.values):
+            raise ValueError(
+                f"Curve {self.label!r} has {len(self.nfe)} NFE values but {len(self.values)} metric values"
+            )
+        if any(not (math.isfinite(n) and n > 0) for n in self.nfe):
+            raise ValueError(f"Curve {self.label!r} has NFE values that are not positive numbers: {self.nfe}")
+        order = sorted(range(len(self.nfe)), key=lambda i: self.nfe[i])
+        self.nfe = [float(self.nfe[i]) for i in order]
+        self.values = [float(self.values[i]) for i in order]
+
+
+def plot_metric_vs_nfe(
+    curves: Sequence[Curve],
+    path: str | Path,
+    metric_name: str,
+    title: str | None = None,
+    log_y: bool = False,
+    caption: str | None = None,
+) -> Path:
+    """Save a PNG of ``metric_name`` against NFE (log scale, ticks at the measured NFEs), one line per curve.
+
+    ``caption`` (e.g. the featurizer, judge, sample counts and seeds) is printed in small type under the title.
+    """
+    if not curves:
+        raise ValueError("No curves to plot")
+    figure = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = figure.subplots()
+    for curve in curves:
+        ax.plot(curve.nfe, curve.values, marker="o", label=curve.label)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({nfe for curve in curves for nfe in curve.nfe}))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("NFE (denoiser forward passes per sample)")
+    ax.set_ylabel(metric_name)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=11)
+    if caption:
+        ax.set_title(caption, fontsize=7, wrap=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=130)
+    return path
+
+
+def nfe_to_reach(curve: Curve, target: float, higher_is_better: bool = True) -> tuple[float | None, str]:
+    """The smallest NFE at which ``curve`` reaches ``target``, interpolating linearly in log-NFE between points.
+
+    Returns ``(nfe, status)``: ``"interpolated"`` (crossed between two measured points), ``"at_first_point"`` (the
+    cheapest measured point already reaches the target: the true NFE may be lower, the curve says nothing below
+    its first point), or ``(None, "not_reached")`` when no measured point reaches the target (nothing is
+    extrapolated).
+    """
+
+    def reaches(value: float) -> bool:
+        return value >= target if higher_is_better else value <= target
+
+    if reaches(curve.values[0]):
+        return curve.nfe[0], "at_first_point"
+    for (n0, v0), (n1, v1) in zip(zip(curve.nfe, curve.values), zip(curve.nfe[1:], curve.values[1:])):
+        if reaches(v1):
+            fraction = (target - v0) / (v1 - v0)
+            return math.exp(math.log(n0) + fraction * (math.log(n1) - math.log(n0))), "interpolated"
+    return None, "not_reached"
+
+
+@dataclass
+class NFEComparison:
+    """For one point of the baseline curve: the NFE the candidate needs to match its metric value."""
+
+    baseline_nfe: float
+    baseline_value: float
+    candidate_nfe: float | None
+    status: str
+    speedup: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self, metric_name: str = "MAUVE") -> str:
+        head = f"baseline {metric_name} {self.baseline_value:.4g} at NFE {self.baseline_nfe:g}"
+        if self.status == "not_reached":
+            return f"{head}: NOT reached by the candidate within its measured NFE range"
+        if self.status == "at_first_point":
+            return (
+                f"{head}: reached at the candidate's cheapest point, NFE <= {self.candidate_nfe:g} "
+                f"(>= {self.speedup:.3g}x fewer)"
+            )
+        return f"{head}: candidate needs NFE {self.candidate_nfe:.4g} ({self.speedup:.3g}x fewer)"
+
+
+def compare_curves(baseline: Curve, candidate: Curve, higher_is_better: bool = True) -> list[NFEComparison]:
+    """The "NFE needed to reach the baseline's metric": for every baseline point, :func:`nfe_to_reach` on the
+    candidate. ``speedup = baseline_nfe / candidate_nfe`` (a lower bound when the status is ``"at_first_point"``)."""
+    comparisons = []
+    for nfe, value in zip(baseline.nfe, baseline.values):
+        candidate_nfe, status = nfe_to_reach(candidate, value, higher_is_better)
+        comparisons.append(
+            NFEComparison(
+                baseline_nfe=nfe,
+                baseline_value=value,
+                candidate_nfe=candidate_nfe,
+                status=status,
+                speedup=None if candidate_nfe is None else nfe / candidate_nfe,
+            )
+        )
+    return comparisons
+
+
+def curves_from_rows(
+    rows: Sequence[Mapping], metric: str, group_keys: Sequence[str] = ("checkpoint", "sampler")
+) -> list[Curve]:
+    """Group result rows (dicts with ``nfe`` and ``metric``) into one :class:`Curve` per ``group_keys`` value."""
+    groups: dict[str, tuple[list, list]] = {}
+    for row in rows:
+        if row.get(metric) is None or row.get("nfe") is None:
+            continue
+        label = " / ".join(str(row[key]) for key in group_keys)
+        nfe, values = groups.setdefault(label, ([], []))
+        nfe.append(row["nfe"])
+        values.append(row[metric])
+    return [Curve(label, nfe, values) for label, (nfe, values) in groups.items()]
