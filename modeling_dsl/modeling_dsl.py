@@ -262,7 +262,8 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         super().__init__(config)
         self.backbone = DiTBackbone(config)
         self.token_directions = UnitNormDirections(config.vocab_size, config.embed_dim)
-        self.converter_beta = nn.Parameter(torch.empty(()))
+        # Shape [1], not a 0-dim scalar: DeepSpeed flattens parameters through byte views, which 0-dim tensors lack.
+        self.converter_beta = nn.Parameter(torch.empty(1))
         self.converter_bias = nn.Parameter(torch.empty(config.num_input_slots))
         self.post_init()
 

@@ -1,0 +1,505 @@
+"""`dsl-finetune`: train or fine-tune a DSL denoiser with the DSL or MDLM objective.
+
+The research workflow this serves: start from the public MDLM OpenWebText checkpoint, fine-tune it with DSL
+(optionally under DeepSpeed), and compare it with MDLM trained the same way::
+
+    # one process (CPU or one GPU)
+    dsl-finetune --mdlm_checkpoint kuleshov-group/mdlm-owt --objective dsl --output_dir out/dsl-owt \\
+        --max_steps 10000 --per_device_train_batch_size 8 --learning_rate 3e-4 --ema_decay 0.999 --bf16
+
+    # 8 GPUs with DeepSpeed ZeRO-2 (or zero3); `zero2` / `zero3` name the configs shipped with the package
+    torchrun --nproc_per_node 8 -m dsl_diffusion.trainer.finetune --deepspeed zero2 ...
+    accelerate launch --num_processes 8 -m dsl_diffusion.trainer.finetune --deepspeed zero2 ...
+    # several nodes: torchrun --nnodes N --node_rank R --master_addr HOST --master_port PORT --nproc_per_node 8 ...
+
+    # all arguments from one file
+    dsl-finetune config.yaml
+
+Model: ``--model_name_or_path`` (a saved DSL model), ``--mdlm_checkpoint`` (converted with
+``DSLForMaskedDiffusion.from_mdlm``) or neither (a fresh model from ``--model_size`` and ``--config_overrides``).
+Every argument is checked before any data or weights are loaded. Under ZeRO-3 the ``TrainingArguments`` are
+created (by the argument parser) before the model, as DeepSpeed requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+DEFAULT_TORCH_EXTENSIONS_DIR = Path("~/.cache/dsl-diffusion/torch_extensions").expanduser()
+MODEL_SIZES = {
+    # name: DSLConfig sizes (the rest from the tokenizer and block size)
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, cond_dim=32, embed_dim=16),
+    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, cond_dim=128, embed_dim=64),
+}
+LORA_DEFAULT_TARGETS = ["attn_qkv", "attn_out", "mlp.0", "mlp.2"]
+# "mlp.0" / "mlp.2" would also match the conditioning MLP (sigma_map), which is not part of the transformer blocks.
+LORA_DEFAULT_EXCLUDES = ["sigma_map.mlp.0", "sigma_map.mlp.2"]
+
+logger = logging.getLogger("dsl_diffusion.finetune")
+
+
+def configure_torch_extensions_dir(path: str | os.PathLike | None = None) -> str:
+    """Point DeepSpeed's JIT-compiled C++ ops at a persistent, project-owned cache (unless the user chose one).
+
+    DeepSpeed compiles small ops with ninja/g++ the first time they are needed (~1-2 min each); a fixed folder
+    (default ``~/.cache/dsl-diffusion/torch_extensions``) lets later runs and CI jobs on the same machine reuse them.
+    """
+    directory = os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(path or DEFAULT_TORCH_EXTENSIONS_DIR))
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+def resolve_deepspeed_config(value: str | None) -> str | None:
+    """``zero2`` / ``zero3`` name the configs shipped in ``trainer/ds_configs``; anything else is returned as is."""
+    if value in ("zero2", "zero3"):
+        return str(DEEPSPEED_CONFIG_DIR / f"{value}.json")
+    return value
+
+
+def set_single_process_distributed_env() -> None:
+    """DeepSpeed needs a process group even for one process: provide the env a launcher would have set."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved DSL model (local folder or Hub repo id) to fine-tune."}
+    )
+    mdlm_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "An MDLM checkpoint to convert and fine-tune (e.g. kuleshov-group/mdlm-owt, a folder or file)."},
+    )
+    model_size: str | None = field(
+        default=None, metadata={"help": f"Size of a fresh model: one of {sorted(MODEL_SIZES)} (default tiny)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "DSLConfig overrides as 'key=value,key=value' (e.g. 'embed_dim=64,dropout=0.1,snr_max=100'); "
+            "applied to fresh, loaded and converted models."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer (default: the model folder's, else gpt2 with [MASK] = 50257)."}
+    )
+    add_mask_token: bool = field(
+        default=True, metadata={"help": "Append [MASK] as the last id when the tokenizer has none."}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout, in [0, 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGETS),
+        metadata={
+            "help": "Module-name suffixes that get LoRA adapters, space- or comma-separated "
+            "(DiT blocks: attn_qkv,attn_out,mlp.0,mlp.2)."
+        },
+    )
+    lora_exclude_modules: list[str] = field(
+        default_factory=lambda: list(LORA_DEFAULT_EXCLUDES), metadata={"help": "Module-name suffixes never adapted."}
+    )
+    lora_modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Modules trained fully next to the adapters, e.g. token_directions (the DSL directions E)."},
+    )
+    merge_lora: bool = field(
+        default=True, metadata={"help": "Export the final model with the LoRA adapters merged (the adapter is saved too)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="Skylion007/openwebtext",
+        metadata={"help": "Hub dataset id, local .txt/.json/.jsonl file or folder, or 'bbc' (embedded corpus)."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the documents."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per row (default: the model's max_position_embeddings)."}
+    )
+    packing: str = field(default="wrapped", metadata={"help": "'wrapped' (MDLM's OWT rows) or 'padded'."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (then set --max_steps)."})
+    validation_fraction: float = field(default=0.05, metadata={"help": "Hash-split validation share, in (0, 1)."})
+    validation_documents: int | None = field(
+        default=None, metadata={"help": "Use the last N documents as validation (OWT default: 100000)."}
+    )
+    max_documents: int | None = field(default=None, metadata={"help": "At most N documents per split (quick runs)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "At most N validation rows."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+
+
+def parse_config_overrides(overrides: str | dict | None) -> dict:
+    """'a=1,b=0.5,c=none,d=text' (or a dict from a JSON/YAML config) -> {'a': 1, 'b': 0.5, 'c': None, 'd': 'text'}."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides.split(","):
+        if "=" not in item:
+            raise ValueError(f"config_overrides item {item!r} is not 'key=value' (e.g. 'embed_dim=64,dropout=0.1')")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        try:
+            parsed[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
+        except json.JSONDecodeError:
+            parsed[key] = None if raw.lower() == "none" else raw
+    return parsed
+
+
+def _preparse(argv: list[str]) -> list[str] | dict:
+    """Rewrite ``--deepspeed zero2|zero3`` to the packaged file and load a single JSON/YAML config file."""
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = argv[0]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                config = json.load(f)
+            else:
+                import yaml
+
+                config = yaml.safe_load(f)
+        if not isinstance(config, dict):
+            raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+        if isinstance(config.get("deepspeed"), str):
+            config["deepspeed"] = resolve_deepspeed_config(config["deepspeed"])
+        return config
+    argv = list(argv)
+    for index, token in enumerate(argv):
+        if token == "--deepspeed" and index + 1 < len(argv):
+            argv[index + 1] = resolve_deepspeed_config(argv[index + 1])
+        elif token.startswith("--deepspeed="):
+            argv[index] = f"--deepspeed={resolve_deepspeed_config(token.split('=', 1)[1])}"
+    return argv
+
+
+def _uses_deepspeed(preparsed: list[str] | dict) -> bool:
+    if isinstance(preparsed, dict):
+        return bool(preparsed.get("deepspeed"))
+    return any(token == "--deepspeed" or token.startswith("--deepspeed=") for token in preparsed)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, DSLTrainingArguments) from the command line or one JSON/YAML file."""
+    from transformers import HfArgumentParser
+
+    from .trainer import DSLTrainingArguments
+
+    preparsed = _preparse(sys.argv[1:] if argv is None else argv)
+    if _uses_deepspeed(preparsed):
+        configure_torch_extensions_dir()
+        set_single_process_distributed_env()
+    parser = HfArgumentParser((ModelArguments, DataArguments, DSLTrainingArguments))
+    if isinstance(preparsed, dict):
+        return parser.parse_dict(preparsed)
+    return parser.parse_args_into_dataclasses(args=preparsed)
+
+
+def _read_json_file(repo_or_path: str, filename: str) -> dict | None:
+    from transformers.utils import cached_file
+
+    if os.path.isfile(repo_or_path):
+        path = os.path.join(os.path.dirname(repo_or_path), filename)
+        path = path if os.path.isfile(path) else None
+    else:
+        path = cached_file(repo_or_path, filename, _raise_exceptions_for_missing_entries=False)
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def split_names(values: list[str] | str | None) -> list[str]:
+    """Module names given as separate values, comma-separated, or both: ["a,b", "c"] -> ["a", "b", "c"]."""
+    if not values:
+        return []
+    values = [values] if isinstance(values, str) else values
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
+def validate_static_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Checks that need no file: raised before anything is loaded (also normalizes comma-separated name lists)."""
+    from .data import PACKING_MODES
+
+    for name in ("lora_target_modules", "lora_exclude_modules", "lora_modules_to_save"):
+        setattr(model_args, name, split_names(getattr(model_args, name)))
+
+    if model_args.model_name_or_path and model_args.mdlm_checkpoint:
+        raise ValueError(
+            f"pass either --model_name_or_path ({model_args.model_name_or_path}) or --mdlm_checkpoint "
+            f"({model_args.mdlm_checkpoint}), not both"
+        )
+    if model_args.model_size is not None and model_args.model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size={model_args.model_size!r} is not supported; accepted: {sorted(MODEL_SIZES)}")
+    if model_args.model_size is not None and (model_args.model_name_or_path or model_args.mdlm_checkpoint):
+        raise ValueError("--model_size only applies to a fresh model (no --model_name_or_path / --mdlm_checkpoint)")
+    parse_config_overrides(model_args.config_overrides)
+    if model_args.lora_r < 0:
+        raise ValueError(f"lora_r={model_args.lora_r} must be >= 0 (0 = no LoRA)")
+    if model_args.lora_r > 0:
+        if model_args.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={model_args.lora_alpha} must be > 0")
+        if not 0.0 <= model_args.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={model_args.lora_dropout} must lie in [0, 1)")
+        if not model_args.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; name the modules to adapt, e.g. attn_qkv attn_out mlp.0 mlp.2")
+    if data_args.packing not in PACKING_MODES:
+        raise ValueError(f"packing={data_args.packing!r} is not supported; accepted: {PACKING_MODES}")
+    if data_args.block_size is not None and data_args.block_size < 3:
+        raise ValueError(f"block_size={data_args.block_size} must be >= 3 (BOS, at least one token, EOS)")
+    if not 0.0 < data_args.validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={data_args.validation_fraction} must lie in (0, 1)")
+    for name in ("max_documents", "max_eval_samples", "validation_documents"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be a positive number of rows/documents (or unset)")
+
+
+def peek_model_limits(model_args: ModelArguments) -> dict:
+    """vocab_size, mask_token_id and max_position_embeddings of the model to be trained, from config files only."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        config = _read_json_file(model_args.model_name_or_path, "config.json")
+        if config is None:
+            raise ValueError(f"{model_args.model_name_or_path} has no config.json: is it a saved DSL model?")
+        limits = {
+            "vocab_size": config["vocab_size"],
+            "mask_token_id": config.get("mask_token_id", config["vocab_size"]),
+            "max_position_embeddings": config.get("max_position_embeddings", 1024),
+        }
+    elif model_args.mdlm_checkpoint:
+        # MDLM counts [MASK] in its vocabulary; without a config.json, from_mdlm reads the sizes from the weights.
+        config = _read_json_file(model_args.mdlm_checkpoint, "config.json") or {}
+        vocab_size = config.get("vocab_size", 50258) - 1
+        limits = {
+            "vocab_size": vocab_size,
+            "mask_token_id": vocab_size,
+            "max_position_embeddings": config.get("model_length", 1024),
+        }
+    else:
+        limits = {"vocab_size": None, "mask_token_id": None, "max_position_embeddings": None}
+    limits.update({key: overrides[key] for key in limits if key in overrides})
+    return limits
+
+
+def load_and_check_tokenizer(model_args: ModelArguments, limits: dict):
+    """The tokenizer, checked against the model: [MASK] must exist and be the model's mask id (the last id)."""
+    from transformers import AutoTokenizer
+
+    from .tokenization import add_mask_token, load_tokenizer
+
+    name = model_args.tokenizer_name
+    if name is None and model_args.model_name_or_path and _read_json_file(
+        model_args.model_name_or_path, "tokenizer_config.json"
+    ):
+        name = model_args.model_name_or_path
+    name = name or "gpt2"
+    if model_args.add_mask_token:
+        tokenizer = load_tokenizer(name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if tokenizer.mask_token_id is None:
+            raise ValueError(
+                f"the tokenizer {name!r} has no mask token; masked diffusion needs [MASK] as its last id "
+                f"(accepted: a tokenizer with mask_token_id == len(tokenizer) - 1; drop --add_mask_token False to "
+                "append one)"
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        add_mask_token(tokenizer)  # checks that [MASK] is the last id and differs from pad
+    if limits["mask_token_id"] is not None and tokenizer.mask_token_id != limits["mask_token_id"]:
+        raise ValueError(
+            f"the tokenizer's [MASK] id is {tokenizer.mask_token_id} but the model's mask_token_id is "
+            f"{limits['mask_token_id']} (vocab_size {limits['vocab_size']}); use the model's tokenizer "
+            "(accepted: the same vocabulary with [MASK] as id vocab_size)"
+        )
+    return tokenizer
+
+
+def resolve_block_size(data_args: DataArguments, limits: dict) -> int:
+    max_positions = limits["max_position_embeddings"]
+    block_size = data_args.block_size or max_positions or 1024
+    if max_positions is not None and block_size > max_positions:
+        raise ValueError(
+            f"block_size={block_size} exceeds the model's max_position_embeddings={max_positions}; "
+            f"accepted: 3 <= block_size <= {max_positions}"
+        )
+    return block_size
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        return DSLForMaskedDiffusion.from_pretrained(model_args.model_name_or_path, **overrides)
+    if model_args.mdlm_checkpoint:
+        return DSLForMaskedDiffusion.from_mdlm(model_args.mdlm_checkpoint, **overrides)
+    num_real_tokens = tokenizer.mask_token_id
+    sizes = dict(MODEL_SIZES[model_args.model_size or "tiny"])
+    config = DSLConfig(
+        **{
+            **sizes,
+            "vocab_size": num_real_tokens,
+            "mask_token_id": num_real_tokens,
+            "max_position_embeddings": block_size,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **overrides,
+        }
+    )
+    # _from_config honours DeepSpeed ZeRO-3 (the model is created partitioned).
+    return DSLForMaskedDiffusion._from_config(config)
+
+
+def apply_lora(model, model_args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=list(model_args.lora_target_modules),
+        exclude_modules=list(model_args.lora_exclude_modules) or None,
+        modules_to_save=list(model_args.lora_modules_to_save) or None,
+        bias="none",
+    )
+    model = get_peft_model(model, lora_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %d trainable parameters of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def save_final_model(trainer, model_args: ModelArguments, tokenizer, output_dir: str) -> None:
+    """save_pretrained (safetensors) of the final model, EMA weights and merged LoRA adapters as configured."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    args = trainer.args
+    use_ema = args.ema_export and trainer.ema is not None
+    with trainer.ema_applied() if use_ema else contextlib.nullcontext():
+        if model_args.lora_r > 0 and model_args.merge_lora and not is_deepspeed_zero3_enabled():
+            if args.should_save:
+                trainer.model.save_pretrained(os.path.join(output_dir, "adapter"))
+                merged = copy.deepcopy(trainer.model).merge_and_unload()
+                merged.save_pretrained(output_dir)
+                tokenizer.save_pretrained(output_dir)
+        else:
+            if model_args.lora_r > 0 and model_args.merge_lora:
+                logger.warning("ZeRO-3 partitions the weights: saving the LoRA adapter only (merge it after training).")
+            trainer.save_model(output_dir)
+    if args.should_save:
+        with open(os.path.join(output_dir, "dsl_training.json"), "w", encoding="utf-8") as f:
+            json.dump({"ema_weights": use_ema, "objective": args.objective, "global_step": trainer.state.global_step}, f)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (default: the command line), validate, train, evaluate and save; returns the final metrics."""
+    import datasets
+    import transformers
+    from transformers import set_seed
+
+    from .data import DiffusionDataCollator, build_datasets
+    from .trainer import DSLTrainer
+
+    model_args, data_args, training_args = parse_arguments(argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("dsl_diffusion").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+    # Validate everything before loading data or weights.
+    validate_static_arguments(model_args, data_args)
+    limits = peek_model_limits(model_args)
+    tokenizer = load_and_check_tokenizer(model_args, limits)
+    block_size = resolve_block_size(data_args, limits)
+    logger.info("Objective %s, block size %d, output %s", training_args.objective, block_size, training_args.output_dir)
+
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="dataset preprocessing"):
+        splits = build_datasets(
+            data_args.dataset,
+            tokenizer,
+            block_size,
+            packing=data_args.packing,
+            text_column=data_args.text_column,
+            num_proc=data_args.preprocessing_num_workers,
+            streaming=data_args.streaming,
+            validation_fraction=data_args.validation_fraction,
+            seed=training_args.data_seed if training_args.data_seed is not None else 0,
+            validation_documents=data_args.validation_documents,
+            max_documents=data_args.max_documents,
+            cache_dir=data_args.data_cache_dir,
+        )
+    eval_dataset = splits["validation"]
+    if data_args.max_eval_samples is not None:
+        eval_dataset = (
+            eval_dataset.take(data_args.max_eval_samples)
+            if isinstance(eval_dataset, datasets.IterableDataset)
+            else eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+        )
+
+    model = build_model(model_args, tokenizer, block_size)
+    if block_size > model.config.max_position_embeddings:
+        raise ValueError(
+            f"block_size={block_size} exceeds the model's max_position_embeddings={model.config.max_position_embeddings}"
+        )
+    if model_args.lora_r > 0:
+        model = apply_lora(model, model_args)
+
+    trainer = DSLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=eval_dataset,
+        data_collator=DiffusionDataCollator(),
+        processing_class=tokenizer,
+    )
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    train_result = trainer.train(resume_from_checkpoint=resume or None)
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    if training_args.do_eval or training_args.eval_strategy != "no":
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+
+    save_final_model(trainer, model_args, tokenizer, training_args.output_dir)
+    logger.info("Saved the final model to %s", training_args.output_dir)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``dsl-finetune`` (console scripts pass main's return value to ``sys.exit``: return None)."""
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Training objectives and likelihood estimates of DSL and MDLM, as pure functions of (model, batch).
+
+Every function returns a :class:`LossOutput`: ``loss`` is what ``backward`` uses (a mean over the counted
+tokens), ``nll_sum`` the summed negative log-likelihood estimate in nats over those tokens and ``num_tokens``
+their count, so that ``nll_sum / num_tokens`` aggregates correctly over batches, accumulation steps and devices,
+and ``components`` holds floats for logging.
+
+``model`` may be the bare :class:`~dsl_diffusion.modeling_dsl.DSLForMaskedDiffusion` or any wrapper that forwards
+keyword arguments to it (DistributedDataParallel, a DeepSpeed engine, a PEFT model): the forward pass goes through
+the wrapper (so that gradient hooks fire), the noisy-state channel is taken from the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .corruption import (
+    ROARPath,
+    SNRPath,
+    mdlm_loss_weight,
+    mdlm_mask_tokens,
+    sample_mdlm_times,
+)
+
+__all__ = ["LossOutput", "dsl_loss", "mdlm_loss", "roar_nll", "diffusion_nll_bound", "unwrap_denoiser"]
+
+
+@dataclass
+class LossOutput:
+    """Result of a loss or likelihood estimate.
+
+    Args:
+        loss: scalar tensor that ``backward`` uses.
+        nll_sum: summed NLL (or cross-entropy, for the DSL objective) in nats over the counted tokens.
+        num_tokens: number of counted (non-padding) tokens.
+        components: named float values for logging (e.g. the endpoint and continuous parts of the DSL loss).
+    """
+
+    loss: torch.Tensor
+    nll_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    components: dict[str, float] = field(default_factory=dict)
+
+
+def unwrap_denoiser(model):
+    """The DSL model inside DDP / DeepSpeed (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    while True:
+        if hasattr(model, "noisy_states"):
+            return model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            raise TypeError(f"{type(model).__name__} is not a DSL denoiser (it has no `noisy_states` method)")
+
+
+def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {list(attention_mask.shape)} does not match input_ids {list(input_ids.shape)}"
+        )
+    return attention_mask.bool()
+
+
+def _per_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per position, [B, L], computed in fp32."""
+    batch, length, vocab = logits.shape
+    return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none").view(batch, length)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    count = int(mask.sum())
+    return float((values * mask).sum() / count) if count else None
+
+
+def dsl_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    snr_path: SNRPath,
+    roar_lambda: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """The continuum-corruption objective of DSL (METHOD.md section 3).
+
+    Unweighted cross-entropy of the clean tokens given z = s e_x + sqrt(s) eps, averaged over all non-padding
+    tokens, with the SNRs drawn from ``snr_path``; plus ``roar_lambda`` times the ROAR NLL of a fresh ROAR draw.
+
+    Components: ``continuous_ce`` (tokens of continuous rows), ``endpoint_ce`` (tokens of ROAR endpoint rows),
+    ``endpoint_masked_ce`` (the masked, s = 0, tokens of the endpoint rows: a ROAR NLL estimate at s_hi = s_max
+    that comes for free), ``roar_nll`` (only when ``roar_lambda > 0``) and ``ce`` (the unweighted mean).
+    """
+    if roar_lambda < 0:
+        raise ValueError(f"roar_lambda must be >= 0, got {roar_lambda}")
+    denoiser = unwrap_denoiser(model)
+    tokens = _token_mask(input_ids, attention_mask)
+    batch, length = input_ids.shape
+    draw = snr_path.sample_with_rows(
+        batch, length, generator=generator, device=input_ids.device, lengths=tokens.sum(dim=1)
+    )
+    snr = draw.snr.masked_fill(~tokens, 0.0)
+    noisy_states = denoiser.noisy_states(input_ids, snr, generator=generator)
+    logits = model(noisy_states=noisy_states, attention_mask=attention_mask).logits
+    cross_entropy = _per_token_cross_entropy(logits, input_ids) * tokens
+    nll_sum = cross_entropy.sum()
+    num_tokens = tokens.sum()
+    loss = nll_sum / num_tokens.clamp(min=1)
+
+    with torch.no_grad():
+        endpoint_tokens = tokens & draw.roar_rows[:, None]
+        components = {
+            "ce": float(loss.detach()),
+            "continuous_ce": _masked_mean(cross_entropy, tokens & ~draw.roar_rows[:, None]),
+            "endpoint_ce": _masked_mean(cross_entropy, endpoint_tokens),
+            "endpoint_masked_ce": _masked_mean(cross_entropy, endpoint_tokens & (snr == 0)),
+        }
+    if roar_lambda > 0:
+        roar = roar_nll(model, input_ids, attention_mask, snr_hi=snr_path_snr_max(snr_path), generator=generator)
+        # Both terms are means over the same tokens, so loss * num_tokens stays a sum over tokens (which is what
+        # gradient accumulation needs).
+        loss = loss + roar_lambda * roar.loss
+        components["roar_nll"] = float(roar.loss.detach())
+    return LossOutput(
+        loss=loss,
+        nll_sum=nll_sum.detach(),
+        num_tokens=num_tokens,
+        components={name: value for name, value in components.items() if value is not None},
+    )
+
+
+def snr_path_snr_max(snr_path: SNRPath) -> float:
+    """The SNR that stands for a clean token on this path (its ROAR part's ``snr_max``, else its ``snr_max``)."""
+    roar = snr_path if isinstance(snr_path, ROARPath) else getattr(snr_path, "roar", None)
+    return float(getattr(roar, "snr_max", getattr(snr_path, "snr_max", 100.0)))
+
+
+def mdlm_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    eps: float = 1e-3,
+    t: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    antithetic: bool = True,
+) -> LossOutput:
+    """MDLM's continuous-time NELBO with the SUBS parametrization (METHOD.md section 2).
+
+    Each real token is masked with probability 1 - alpha_t = (1 - eps) t, t drawn per row with low-discrepancy
+    sampling on [eps, 1] (or given as ``t``, shape [B]). SUBS: the model never predicts ``[MASK]`` (zero masking
+    probability) and unmasked positions carry over the observed token (zero loss), so the loss is
+    sum over masked tokens of w(t) * (-log p_theta(x | z_t)), w(t) = 1/t, divided by ALL non-padding tokens.
+    ``exp(nll_sum / num_tokens)`` is the perplexity bound ("PPL <=").
+    """
+    denoiser = unwrap_denoiser(model)
+    tokens = _token_mask(input_ids, attention_mask)
+    batch = input_ids.shape[0]
+    if t is None:
+        t = sample_mdlm_times(
+            batch, sampling_eps=eps, antithetic=antithetic, generator=generator, device=input_ids.device
+        )
+    elif t.shape != (batch,):
+        raise ValueError(f"t must have shape [{batch}], got {list(t.shape)}")
+    if not bool(((t > 0) & (t <= 1)).all()):
+        raise ValueError(f"diffusion times t must lie in (0, 1], got range [{float(t.min())}, {float(t.max())}]")
+    noisy_ids, masked = mdlm_mask_tokens(
+        input_ids, t, denoiser.config.mask_token_id, eps=eps, attention_mask=tokens, generator=generator
+    )
+    logits = model(input_ids=noisy_ids, attention_mask=attention_mask).logits
+    cross_entropy = _per_token_cross_entropy(logits, input_ids) * masked
+    weighted = cross_entropy * mdlm_loss_weight(t.float())[:, None]
+    nll_sum = weighted.sum()
+    num_tokens = tokens.sum()
+    loss = nll_sum / num_tokens.clamp(min=1)
+    with torch.no_grad():
+        components = {
+            "nelbo": float(loss.detach()),
+            "masked_ce": _masked_mean(cross_entropy, masked),
+            "mask_fraction": float(masked.sum() / num_tokens.clamp(min=1)),
+        }
+    return LossOutput(
+        loss=loss,
+        nll_sum=nll_sum.detach(),
+        num_tokens=num_tokens,
+        components={name: value for name, value in components.items() if value is not None},
+    )
+
+
+def roar_nll(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    snr_hi: float | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """One-sample estimate of the random-order autoregressive (any-order) NLL.
+
+    Per row, k ~ U{0..n-1} uniformly chosen tokens are visible and the rest masked; the row's estimate is the
+    mean CE over its masked tokens. Averaged over k and the order, that mean times n is the exact any-order NLL
+    of the row, so ``nll_sum`` = sum_rows n * (mean masked CE) and ``loss = nll_sum / num_tokens`` (nats/token).
+
+    ``snr_hi=None`` feeds the noise-free endpoints as token ids (``[MASK]`` at masked positions); a number feeds
+    noisy states with SNR ``snr_hi`` on the visible tokens and 0 on the masked ones.
+    """
+    denoiser = unwrap_denoiser(model)
+    tokens = _token_mask(input_ids, attention_mask)
+    batch, length = input_ids.shape
+    lengths = tokens.sum(dim=1)
+    visible = ROARPath.visible_mask(batch, length, generator=generator, device=input_ids.device, lengths=lengths)
+    masked = tokens & ~visible
+    if snr_hi is None:
+        noisy_ids = input_ids.masked_fill(masked, denoiser.config.mask_token_id)
+        logits = model(input_ids=noisy_ids, attention_mask=attention_mask).logits
+    else:
+        if not (math.isfinite(snr_hi) and snr_hi > 0):
+            raise ValueError(f"snr_hi must be a finite number > 0 or None (noise-free), got {snr_hi!r}")
+        noisy_states = denoiser.noisy_states(input_ids, visible.float() * snr_hi, generator=generator)
+        logits = model(noisy_states=noisy_states, attention_mask=attention_mask).logits
+    cross_entropy = _per_token_cross_entropy(logits, input_ids) * masked
+    # k <= n - 1, so every row with a real token has at least one masked token.
+    row_mean = cross_entropy.sum(dim=1) / masked.sum(dim=1).clamp(min=1)
+    nll_sum = (row_mean * lengths).sum()
+    num_tokens = lengths.sum()
+    loss = nll_sum / num_tokens.clamp(min=1)
+    return LossOutput(
+        loss=loss, nll_sum=nll_sum.detach(), num_tokens=num_tokens, components={"roar_nll": float(loss.detach())}
+    )
+
+
+def _nll_grid(snr_max: float, num_points: int, spacing: str) -> list[float]:
+    if spacing == "linear":
+        return torch.linspace(0.0, snr_max, num_points, dtype=torch.float64).tolist()
+    if spacing == "loglinear":
+        # 0, then geometric from snr_max * 1e-4: the integrand is bounded by 4 (both vectors lie in the unit
+        # ball), so the first trapezoid contributes at most 2e-4 * snr_max nats.
+        geometric = torch.logspace(math.log10(snr_max) - 4.0, math.log10(snr_max), num_points - 1, dtype=torch.float64)
+        return [0.0] + geometric.tolist()
+    raise ValueError(f"unknown grid spacing {spacing!r}; accepted: 'loglinear', 'linear'")
+
+
+@torch.no_grad()
+def diffusion_nll_bound(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    snr_max: float,
+    num_points: int,
+    num_noise_draws: int,
+    generator: torch.Generator | None = None,
+    spacing: str = "loglinear",
+) -> LossOutput:
+    """The I-MMSE upper bound on -log p(x) of the continuous DSL path (METHOD.md section 3).
+
+    -log p(x) <= 1/2 int_0^S E||e_x - x_hat(z_s)||^2 ds + E[-log p_theta(x | z_S)], all tokens sharing one SNR s,
+    integrated with the trapezoid rule on ``num_points`` SNRs (0 included, S = ``snr_max`` last) and averaged
+    over ``num_noise_draws`` noise draws. Components: ``mmse_integral`` and ``endpoint_ce`` (nats per token).
+    """
+    if not (math.isfinite(snr_max) and snr_max > 0):
+        raise ValueError(f"snr_max must be a finite number > 0, got {snr_max!r}")
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2 (0 and snr_max at least), got {num_points}")
+    if num_noise_draws < 1:
+        raise ValueError(f"num_noise_draws must be >= 1, got {num_noise_draws}")
+    denoiser = unwrap_denoiser(model)
+    tokens = _token_mask(input_ids, attention_mask)
+    grid = _nll_grid(float(snr_max), num_points, spacing)
+    clean_directions = denoiser.token_directions()[input_ids].float()
+
+    integral = torch.zeros(input_ids.shape, dtype=torch.float64, device=input_ids.device)
+    endpoint_ce = torch.zeros_like(integral)
+    for _ in range(num_noise_draws):
+        squared_errors = []
+        for snr in grid:
+            noisy_states = denoiser.noisy_states(input_ids, snr, generator=generator)
+            logits = model(noisy_states=noisy_states, attention_mask=attention_mask).logits
+            error = clean_directions - denoiser.posterior_mean(logits)
+            squared_errors.append(error.pow(2).sum(dim=-1).double())
+        squared_errors = torch.stack(squared_errors, dim=-1)
+        integral += torch.trapezoid(squared_errors, torch.tensor(grid, dtype=torch.float64, device=integral.device))
+        endpoint_ce += _per_token_cross_entropy(logits, input_ids).double()
+    per_token = (0.5 * integral + endpoint_ce) / num_noise_draws * tokens
+    num_tokens = tokens.sum()
+    count = num_tokens.clamp(min=1)
+    nll_sum = per_token.sum().float()
+    return LossOutput(
+        loss=nll_sum / count,
+        nll_sum=nll_sum,
+        num_tokens=num_tokens,
+        components={
+            "mmse_integral": float(0.5 * (integral * tokens).sum() / num_noise_draws / count),
+            "endpoint_ce": float((endpoint_ce * tokens).sum() / num_noise_draws / count),
+        },
+    )
