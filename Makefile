@@ -5,6 +5,8 @@ STAMP := $(VENV)/.setup-done
 # DeepSpeed JIT-compiles small C++ ops on first use: keep them in a persistent, project-owned cache.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/dsl-diffusion/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
+# Everything the tests and the demo use is on disk; without this, a GPT-2 tokenizer lookup retries the Hub for ~50 s.
+export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup demo test bench clean
 
