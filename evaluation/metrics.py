@@ -212,6 +212,18 @@ def _check_features(features, name: str) -> np.ndarray:
     return features
 
 
+def _check_feature_pair(p_features, q_features) -> tuple[np.ndarray, np.ndarray]:
+    """Both feature sets checked by :func:`_check_features`, and of the same feature dimension."""
+    p_features = _check_features(p_features, "p_features")
+    q_features = _check_features(q_features, "q_features")
+    if p_features.shape[1] != q_features.shape[1]:
+        raise ValueError(
+            f"p_features have {p_features.shape[1]} dimensions and q_features {q_features.shape[1]}: "
+            "both sides must come from the same featurizer"
+        )
+    return p_features, q_features
+
+
 @dataclass
 class MauveResult:
     """MAUVE of model samples (q) against references (p), with every protocol knob that produced it.
@@ -306,13 +318,7 @@ def compute_mauve(
             p_features = featurizer(p_text, desc="featurizing references")
         if q_text is not None:
             q_features = featurizer(q_text, desc="featurizing samples")
-    p_features = _check_features(p_features, "p_features")
-    q_features = _check_features(q_features, "q_features")
-    if p_features.shape[1] != q_features.shape[1]:
-        raise ValueError(
-            f"p_features have {p_features.shape[1]} dimensions and q_features {q_features.shape[1]}: "
-            "both sides must come from the same featurizer"
-        )
+    p_features, q_features = _check_feature_pair(p_features, q_features)
 
     per_seed = []
     for seed in seeds:
@@ -388,13 +394,7 @@ def frechet_distance(p_features, q_features) -> float:
     every sample (no clustering), so it has less variance than MAUVE at small sample counts; 0 for identical sets,
     larger is farther.
     """
-    p_features = _check_features(p_features, "p_features")
-    q_features = _check_features(q_features, "q_features")
-    if p_features.shape[1] != q_features.shape[1]:
-        raise ValueError(
-            f"p_features have {p_features.shape[1]} dimensions and q_features {q_features.shape[1]}: "
-            "both sides must come from the same featurizer"
-        )
+    p_features, q_features = _check_feature_pair(p_features, q_features)
     mean_p, mean_q = p_features.mean(axis=0), q_features.mean(axis=0)
     # S = X^T X with X the centered samples divided by sqrt(n - 1).
     scaled_p = (p_features - mean_p) / math.sqrt(p_features.shape[0] - 1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
 from dsl_diffusion.modeling_dsl.modeling_dsl import DSLMaskedDiffusionOutput
 from dsl_diffusion.trainer.corruption import (
     ConstantPath,
@@ -27,30 +27,15 @@ from dsl_diffusion.trainer.corruption import (
     sample_mdlm_times,
 )
 from dsl_diffusion.trainer.losses import diffusion_nll_bound, dsl_loss, mdlm_loss, roar_nll
+from helpers import tiny_dsl_config as tiny_config
+from helpers import tiny_dsl_model
 
-VOCAB = 32
-
-
-def tiny_config(**overrides):
-    config = dict(
-        vocab_size=VOCAB,
-        mask_token_id=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        cond_dim=16,
-        max_position_embeddings=64,
-        embed_dim=8,
-    )
-    config.update(overrides)
-    return DSLConfig(**config)
+VOCAB = 32  # the vocabulary of helpers.tiny_dsl_config
 
 
 @pytest.fixture
 def tiny_model():
-    torch.manual_seed(0)
-    return DSLForMaskedDiffusion(tiny_config()).eval()
+    return tiny_dsl_model()
 
 
 class PerfectDenoiser(DSLForMaskedDiffusion):

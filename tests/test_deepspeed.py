@@ -30,20 +30,9 @@ WORKER_TIMEOUT_S = 300
 
 
 def tiny_config():
-    from dsl_diffusion.modeling_dsl import DSLConfig
+    from helpers import tiny_dsl_config  # VOCAB real tokens
 
-    return DSLConfig(
-        vocab_size=VOCAB,
-        mask_token_id=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        cond_dim=16,
-        max_position_embeddings=64,
-        embed_dim=8,
-        dropout=0.0,
-    )
+    return tiny_dsl_config(dropout=0.0)
 
 
 def probe_batch() -> torch.Tensor:

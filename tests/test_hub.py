@@ -17,40 +17,16 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-import threadpoolctl
 import torch
 from huggingface_hub import ModelCard
 
 from dsl_diffusion.hub_cards import DEFAULT_TAGS, build_model_card, eval_results_from_sweep, sampler_defaults
 from dsl_diffusion.hub_cards.push import upload_to_hub
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+from helpers import tiny_dsl_config, tiny_dsl_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """One thread per library: the test machine's two cores are shared, and oversubscribed OpenMP / BLAS thread
-    pools (torch, faiss, numpy) slow these small workloads down tenfold under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(previous)
-
-
-def tiny_dsl_model() -> DSLForMaskedDiffusion:
-    torch.manual_seed(0)
-    config = DSLConfig(
-        vocab_size=32,
-        mask_token_id=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        cond_dim=16,
-        max_position_embeddings=64,
-        embed_dim=8,
-    )
-    return DSLForMaskedDiffusion(config).eval()
+pytestmark = pytest.mark.usefixtures("single_threaded")  # conftest.py: one thread per library
 
 
 def sweep_report(checkpoints=("dsl-tiny",)) -> dict:
@@ -451,16 +427,8 @@ def checkpoint_folder(tmp_path_factory):
     tokenizer = train_bpe_tokenizer(documents, vocab_size=300)
     torch.manual_seed(0)
     model = DSLForMaskedDiffusion(
-        DSLConfig(
-            vocab_size=tokenizer.mask_token_id,
-            mask_token_id=tokenizer.mask_token_id,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            cond_dim=16,
-            max_position_embeddings=16,
-            embed_dim=8,
+        tiny_dsl_config(
+            vocab_size=tokenizer.mask_token_id, mask_token_id=tokenizer.mask_token_id, max_position_embeddings=16
         )
     ).eval()
     folder = tmp_path_factory.mktemp("checkpoint") / "dsl-tiny"

@@ -9,11 +9,7 @@ import random
 import numpy as np
 import pytest
 import scipy.linalg
-import threadpoolctl
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from dsl_diffusion.evaluation import (
@@ -34,43 +30,17 @@ from dsl_diffusion.evaluation import (
     plot_reliability_diagrams,
     unigram_entropy,
 )
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.modeling_dsl import DSLConfig
 from dsl_diffusion.trainer.losses import roar_nll
+from helpers import PNG_SIGNATURE, tiny_dsl_model, word_level_tokenizer
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """One thread per library: the test machine's two cores are shared, and oversubscribed OpenMP / BLAS thread
-    pools (torch, faiss, numpy) slow these small workloads down tenfold under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_threaded")  # conftest.py: one thread per library
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def tiny_dsl_model(seed: int = 0) -> DSLForMaskedDiffusion:
-    torch.manual_seed(seed)
-    config = DSLConfig(
-        vocab_size=32,
-        mask_token_id=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        cond_dim=16,
-        max_position_embeddings=64,
-        embed_dim=8,
-    )
-    return DSLForMaskedDiffusion(config).eval()
 
 
 def clean_batches(num_batches=3, batch_size=4, length=16, vocab_size=32, seed=0, padded=False):
@@ -89,10 +59,8 @@ WORDS = ["<eos>", "<pad>", "a", "b", "c", "d"]
 
 
 def word_tokenizer(with_eos: bool = True) -> PreTrainedTokenizerFast:
-    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<pad>"))
-    backend.pre_tokenizer = WhitespaceSplit()
     special = {"eos_token": "<eos>"} if with_eos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", **special)
+    return word_level_tokenizer(WORDS, "<pad>", pad_token="<pad>", **special)
 
 
 def bigram_judge() -> GPT2LMHeadModel:

@@ -13,25 +13,21 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
+from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
 from dsl_diffusion.pipelines import DIFFUSION_GENERATION_CONFIG_NAME, DiffusionGenerationConfig, DiffusionTextGenerationPipeline
 from dsl_diffusion.pipelines.generate import SamplerArguments, main
 from dsl_diffusion.pipelines.pipeline_diffusion import ALL_SAMPLER_KNOBS
+from helpers import tiny_dsl_model, word_level_tokenizer
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]  # 32 real tokens
 
 
 def make_tokenizer(with_mask=True):
-    vocab = {word: index for index, word in enumerate(WORDS + (["[MASK]"] if with_mask else []))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     special = dict(pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
     if with_mask:
         special["mask_token"] = "[MASK]"
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    return word_level_tokenizer(WORDS + (["[MASK]"] if with_mask else []), "[UNK]", **special)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +37,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = DSLConfig(
-        vocab_size=32, mask_token_id=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, cond_dim=16, max_position_embeddings=64, embed_dim=8, pad_token_id=0, eos_token_id=2,
-    )  # fmt: skip
-    return DSLForMaskedDiffusion(config).eval()
+    return tiny_dsl_model(pad_token_id=0, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")

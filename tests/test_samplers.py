@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
 from dsl_diffusion.pipelines.samplers import (
     DSLSDESampler,
     HybridConfig,
@@ -41,6 +40,7 @@ from dsl_diffusion.pipelines.samplers import (
     time_grid,
     top_p_filter,
 )
+from helpers import tiny_dsl_model
 
 SIGNIFICANCE = 1e-3
 NUM_SAMPLES = 10_000
@@ -176,12 +176,7 @@ def sample(sampler, model, seed=0, **kwargs):
 
 @pytest.fixture(scope="module")
 def tiny_dsl():
-    torch.manual_seed(0)
-    config = DSLConfig(
-        vocab_size=32, mask_token_id=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, cond_dim=16, max_position_embeddings=64, embed_dim=8,
-    )  # fmt: skip
-    return DSLForMaskedDiffusion(config).eval()
+    return tiny_dsl_model()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import threadpoolctl
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -23,22 +22,12 @@ from dsl_diffusion.evaluation import (
     run_sweep,
 )
 from dsl_diffusion.evaluation.sweep import main as sweep_main
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
 from dsl_diffusion.trainer.tokenization import train_bpe_tokenizer
+from helpers import PNG_SIGNATURE, tiny_dsl_config
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded():
-    """One thread per library: the test machine's two cores are shared, and oversubscribed OpenMP / BLAS thread
-    pools (torch, faiss, numpy) slow these small workloads down tenfold under load."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_threaded")  # conftest.py: one thread per library
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,16 +137,10 @@ def sweep_assets(tmp_path_factory):
     vocab_size = tokenizer.mask_token_id
     torch.manual_seed(0)
     model = DSLForMaskedDiffusion(
-        DSLConfig(
+        tiny_dsl_config(
             vocab_size=vocab_size,
             mask_token_id=vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            cond_dim=16,
             max_position_embeddings=16,
-            embed_dim=8,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

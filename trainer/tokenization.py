@@ -14,7 +14,6 @@ GPT-2 tokenizer from it with the merge derivation of ``transformers``' ``TikToke
 from __future__ import annotations
 
 import base64
-import importlib.util
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from .assets import package_folder
 
 
 logger = logging.getLogger(__name__)
@@ -56,14 +57,13 @@ class _TikTokenFileConverter(TikTokenConverter):
 
 
 def _whisper_gpt2_ranks_path() -> Path:
-    # find_spec locates the package without importing it: importing whisper would pull in numba.
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The offline GPT-2 tokenizer needs the GPT-2 BPE ranks shipped by `openai-whisper`; install it with "
-            "`pip install --no-deps openai-whisper` (scripts/setup.sh does this)."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / "gpt2.tiktoken"
+    # The package is located, not imported: importing whisper would pull in numba.
+    path = package_folder(
+        "whisper",
+        "openai-whisper",
+        "The offline GPT-2 tokenizer needs the GPT-2 BPE ranks shipped by `openai-whisper`; install it with "
+        "`pip install --no-deps openai-whisper` (scripts/setup.sh does this).",
+    ) / "assets" / "gpt2.tiktoken"
     if not path.is_file():
         raise FileNotFoundError(f"openai-whisper is installed but has no GPT-2 rank file at {path}.")
     return path
