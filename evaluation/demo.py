@@ -277,7 +277,7 @@ def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
         cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach(), directions_before, dim=-1)
         record.update(
             directions_mean_cosine_to_init=float(cosine.mean()),
-            converter_beta=float(model.converter_beta),
+            converter_beta=float(model.converter_beta.detach()),
         )
         tokenizer.save_pretrained(stage.path)
         stage.finish(record)
