@@ -214,7 +214,7 @@ def train_model(args, model, rows, out_dir, objective, steps, learning_rate, sch
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # a lent GPU trains the replication preset in minutes
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,
@@ -312,7 +312,8 @@ def stage_sampling(args, arms: dict[str, Stage], tokenizer):
             if sampler_name == "hybrid" and steps < 2:
                 continue
             if arm not in models:
-                models[arm] = DSLForMaskedDiffusion.from_pretrained(arms[arm].path).eval()
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                models[arm] = DSLForMaskedDiffusion.from_pretrained(arms[arm].path).to(device).eval()
             sampler_knobs = dict(knobs, num_steps=steps)
             if sampler_name != "dsl-sde":
                 sampler_knobs["top_p"] = args.top_p

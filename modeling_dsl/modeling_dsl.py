@@ -387,7 +387,9 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         snr = self._broadcast_snr(snr, input_ids.shape, input_ids.device).masked_fill(is_mask, 0.0)
         directions = self.token_directions()
         e = directions[input_ids.masked_fill(is_mask, 0)].float()
-        noise = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+        # Draw on the generator's device (a CPU generator may drive a GPU model), then move.
+        noise_device = generator.device if generator is not None else e.device
+        noise = torch.randn(e.shape, generator=generator, device=noise_device, dtype=e.dtype).to(e.device)
         return snr[..., None] * e + snr.sqrt()[..., None] * noise
 
     def posterior_mean(self, logits: torch.Tensor) -> torch.Tensor:
