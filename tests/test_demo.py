@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dsl_diffusion.evaluation.demo import DemoArguments, main
+from dsl_diffusion.evaluation.demo import DemoArguments, main, plan_cells, remdm_knobs
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,7 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
     report = json.loads((demo_dir / "results.json").read_text())
     args = DemoArguments(preset="ci")
     rows = report["results"]
-    # 5 (arm, sampler) pairs x 2 step budgets.
-    assert len(rows) == 5 * len(args.step_budgets)
+    assert sorted(row["cell"] for row in rows) == sorted(cell.name for cell in plan_cells(args))
     for row in rows:
         assert 0.0 <= row["mauve"] <= 1.0 and row["mauve_std"] >= 0.0
         assert math.isfinite(row["frechet"]) and row["frechet"] >= 0.0
@@ -42,6 +41,15 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
         record = report["arms"][arm]
         assert record["steps"] == args.finetune_steps
         assert math.isfinite(record["eval"]["eval_loss"])
+    # The AR reference saw as many tokens as pretraining + one arm, and judges every cell in-domain.
+    ar = report["arms"]["ar"]
+    assert ar["tokens"] == report["arms"]["mdlm"]["tokens"] + args.pretrain_steps * args.batch_size * args.block_size
+    assert math.isfinite(ar["eval"]["eval_ppl"]) and ar["eval"]["eval_ppl"] > 1.0
+    # (None only where a collapsed sampler emitted nothing but EOS, which the protocol does not count.)
+    scored = [row["ar_gen_ppl"] for row in rows if row["ar_gen_ppl"] is not None]
+    assert len(scored) >= len(rows) // 2 and all(math.isfinite(p) and p > 1.0 for p in scored)
+    by_sampler = {row["sampler"]: row for row in rows}
+    assert by_sampler["ar"]["nfe"] == args.block_size - 1 and by_sampler["roar"]["nfe"] == args.block_size
     # The DSL arm trains its own token directions (higher learning rate); the MDLM arm never touches them.
     assert report["arms"]["mdlm"]["directions_mean_cosine_to_init"] == pytest.approx(1.0, abs=1e-6)
     assert report["arms"]["dsl"]["directions_mean_cosine_to_init"] < 1.0 - 1e-5
@@ -52,6 +60,17 @@ def test_demo_resumes_without_redoing_finished_stages(demo_dir):
     main(["--preset", "ci", "--output_dir", str(demo_dir), "--judge", "none"])
     after = {stage: os.path.getmtime(demo_dir / stage / "done.json") for stage in before}
     assert before == after
+
+
+def test_cell_plan_follows_the_published_remdm_settings():
+    assert remdm_knobs(num_steps=16, length=64)["strategy"] == "cap"
+    assert remdm_knobs(num_steps=64, length=64) == {"strategy": "loop", "eta": 0.02, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9}
+    args = DemoArguments(preset="ci")
+    cells = plan_cells(args)
+    largest = max(args.step_budgets)
+    assert {c.seed for c in cells if c.num_steps == largest and c.arm != "ar"} == {0, 1}
+    assert {c.seed for c in cells if c.num_steps < largest} == {0}
+    assert len({c.name for c in cells}) == len(cells)
 
 
 def test_demo_rejects_bad_arguments():
