@@ -343,7 +343,7 @@ def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
             "cosine",
             dsl_learning_rate=args.dsl_learning_rate if objective == "dsl" else None,
         )
-        cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach(), directions_before, dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach().cpu(), directions_before.cpu(), dim=-1)
         record.update(
             directions_mean_cosine_to_init=float(cosine.mean()),
             converter_beta=float(model.converter_beta.detach()),
@@ -407,7 +407,7 @@ def sample_ar(model, args, cell: Cell, tokenizer):
     try:
         bos = torch.full((args.samples_per_cell, 1), tokenizer.bos_token_id, device=model.device)
         out = model.generate(
-            bos, do_sample=True, top_p=args.top_p, top_k=0, max_length=args.block_size, min_length=args.block_size,
+            bos, attention_mask=torch.ones_like(bos), do_sample=True, top_p=args.top_p, top_k=0, max_length=args.block_size, min_length=args.block_size,
             pad_token_id=tokenizer.pad_token_id,
         )
     finally:
@@ -504,7 +504,7 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
         from .metrics import Judge
 
         domain_judge = Judge(
-            model=LlamaForCausalLM.from_pretrained(arms["ar"].path).eval(), tokenizer=tokenizer,
+            model=LlamaForCausalLM.from_pretrained(arms["ar"].path, dtype=torch.float32).eval(), tokenizer=tokenizer,
             name_or_path=arms["ar"].path, eos_token_id=tokenizer.eos_token_id,
         )
 
