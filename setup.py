@@ -34,7 +34,7 @@ setup(
     # torch is deliberately unpinned here: scripts/setup.sh installs the CPU wheel, GPU users bring their own.
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.24",  # the dataclass-style configs (`@strict` PreTrainedConfig) this code is tested with
         "accelerate>=1.0",
         "datasets>=3.0",
         "huggingface-hub>=1.0",
