@@ -29,8 +29,6 @@ from .configuration_dsl import DSLConfig
 
 SINUSOID_DIM = 256  # MDLM's frequency-embedding width for the conditioning scalar
 MDLM_PREFIX = "backbone."
-# Parameters that DSL adds to MDLM's backbone (they keep their fresh initialization when converting).
-DSL_ONLY_PARAMETERS = ("token_directions.weight", "converter_beta", "converter_bias")
 
 
 @dataclass
@@ -406,7 +404,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
 
     # --- the denoiser ------------------------------------------------------------------------------------------
 
-    def _conditioning(self, batch_size, noisy_states, input_ids, timesteps, dtype, device):
+    def _conditioning(self, noisy_states, input_ids, timesteps, dtype, device):
         """adaLN input c, shaped `[1 or batch, 1 or length, cond_dim]` to broadcast over tokens."""
         config = self.config
         if config.time_conditioning:
@@ -472,7 +470,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             if not bool(attention_mask.bool().all()):
                 key_mask = attention_mask.bool()[:, None, None, :]
 
-        conditioning = self._conditioning(batch_size, noisy_states, input_ids, timesteps, hidden.dtype, hidden.device)
+        conditioning = self._conditioning(noisy_states, input_ids, timesteps, hidden.dtype, hidden.device)
         rotary = self.backbone.rotary_emb(length, hidden.device)
         all_hidden_states = () if output_hidden_states else None
         for block in self.backbone.blocks:
