@@ -257,38 +257,24 @@ def build_rows(args, corpus, tokenizer):
     return rows
 
 
-def train_model(args, model, rows, out_dir, objective, steps, learning_rate, schedule, dsl_learning_rate=None):
-    from ..trainer import DiffusionDataCollator, DSLTrainer, DSLTrainingArguments
-
-    training_args = DSLTrainingArguments(
-        output_dir=out_dir,
-        objective=objective,
-        max_steps=steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type=schedule,
-        warmup_steps=min(100, steps // 10),
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        dsl_learning_rate=dsl_learning_rate,
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        report_to=[],
+def recipe(args, out_dir, steps, learning_rate) -> dict:
+    """The TrainingArguments every model of the comparison shares: cosine decay, short warm-up, clip 1.0."""
+    return dict(
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=min(100, steps // 10), weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
+        save_strategy="no", report_to=[], eval_strategy="no", seed=args.seed, data_seed=args.seed,
         use_cpu=not torch.cuda.is_available(),  # a lent GPU trains the replication preset in minutes
-        seed=args.seed,
-        data_seed=args.seed,
         dataloader_num_workers=0,
-        disable_tqdm=False,
-        eval_strategy="no",
     )
-    trainer = DSLTrainer(
-        model=model, args=training_args, train_dataset=rows["train"], data_collator=DiffusionDataCollator()
-    )
+
+
+def train_and_save(args, trainer, out_dir, steps) -> dict:
+    """Train, evaluate on the validation rows, save; the record every arm's `done.json` starts from."""
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    metrics = trainer.evaluate(eval_dataset=rows["validation"])
+    metrics = trainer.evaluate(eval_dataset=trainer.eval_dataset)
     trainer.save_model(out_dir)
     return {
         "train_seconds": seconds,
@@ -296,6 +282,19 @@ def train_model(args, model, rows, out_dir, objective, steps, learning_rate, sch
         "tokens": steps * args.batch_size * args.block_size,
         "eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
+
+
+def train_model(args, model, rows, out_dir, objective, steps, learning_rate, dsl_learning_rate=None):
+    from ..trainer import DiffusionDataCollator, DSLTrainer, DSLTrainingArguments
+
+    training_args = DSLTrainingArguments(
+        objective=objective, dsl_learning_rate=dsl_learning_rate, **recipe(args, out_dir, steps, learning_rate)
+    )
+    trainer = DSLTrainer(
+        model=model, args=training_args, train_dataset=rows["train"], eval_dataset=rows["validation"],
+        data_collator=DiffusionDataCollator(),
+    )
+    return train_and_save(args, trainer, out_dir, steps)
 
 
 def stage_pretrain(args, rows, tokenizer):
@@ -318,7 +317,7 @@ def stage_pretrain(args, rows, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
         model = DSLForMaskedDiffusion(config)
-        record = train_model(args, model, rows, stage.path, "mdlm", args.pretrain_steps, args.learning_rate, "cosine")
+        record = train_model(args, model, rows, stage.path, "mdlm", args.pretrain_steps, args.learning_rate)
         tokenizer.save_pretrained(stage.path)
         stage.finish(record)
     return stage
@@ -340,7 +339,6 @@ def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
             objective,
             args.finetune_steps,
             args.finetune_learning_rate,
-            "cosine",
             dsl_learning_rate=args.dsl_learning_rate if objective == "dsl" else None,
         )
         cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach().cpu(), directions_before.cpu(), dim=-1)
@@ -378,25 +376,15 @@ def stage_ar(args, rows, tokenizer):
             return {**batch, "labels": batch["input_ids"].clone()}
 
         steps = args.pretrain_steps + args.finetune_steps
-        training_args = TrainingArguments(
-            output_dir=stage.path, max_steps=steps, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate,
-            lr_scheduler_type="cosine", warmup_steps=min(100, steps // 10), max_grad_norm=1.0,
-            logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], eval_strategy="no",
-            use_cpu=not torch.cuda.is_available(), seed=args.seed, data_seed=args.seed, dataloader_num_workers=0,
+        trainer = Trainer(
+            model=model, args=TrainingArguments(**recipe(args, stage.path, steps, args.learning_rate)),
+            train_dataset=rows["train"], eval_dataset=rows["validation"], data_collator=collate,
         )
-        trainer = Trainer(model=model, args=training_args, train_dataset=rows["train"], data_collator=collate)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-        metrics = trainer.evaluate(eval_dataset=rows["validation"])
-        trainer.save_model(stage.path)
+        record = train_and_save(args, trainer, stage.path, steps)
         tokenizer.save_pretrained(stage.path)
-        stage.finish({
-            "train_seconds": seconds, "steps": steps, "tokens": steps * args.batch_size * args.block_size,
-            "parameters_m": model.num_parameters() / 1e6,
-            "eval": {"eval_loss": metrics["eval_loss"], "eval_ppl": math.exp(metrics["eval_loss"])},
-        })
+        record.update(parameters_m=model.num_parameters() / 1e6)
+        record["eval"]["eval_ppl"] = math.exp(record["eval"]["eval_loss"])
+        stage.finish(record)
     return stage
 
 
