@@ -10,7 +10,7 @@ from setuptools import setup
 SUBPACKAGES = ["modeling_dsl", "trainer", "pipelines", "evaluation", "hub_cards"]
 
 extras = {
-    "train": ["deepspeed>=0.15", "peft>=0.13"],
+    "train": ["deepspeed>=0.15", "peft>=0.13", "sacremoses>=0.1"],  # sacremoses detokenizes the Brown corpus
     "eval": ["evaluate>=0.4", "mauve-text>=0.4", "faiss-cpu", "scikit-learn", "matplotlib", "gguf>=0.10"],
     "test": ["pytest>=8", "scipy"],
 }

@@ -19,6 +19,7 @@ from dsl_diffusion.trainer.data import (
     DiffusionDataCollator,
     build_datasets,
     load_bbc_news,
+    load_brown_corpus,
     load_text_dataset,
     pack_wrapped,
     pad_rows,
@@ -237,6 +238,32 @@ def test_bbc_split_is_document_level_and_never_leaks():
     other = load_text_dataset(BBC_CORPUS_NAME, seed=1)
     assert set(other["validation"]["document_id"]) != set(splits["validation"]["document_id"])
     assert set(other["train"]["text"]).isdisjoint(other["validation"]["text"])
+
+
+def test_brown_corpus_contents():
+    brown = load_brown_corpus()
+    assert len(brown) == 500 and len(set(brown["document_id"])) == 500
+    genres = Counter(brown["category"])
+    assert len(genres) == 15 and genres["learned"] == 80 and genres["news"] == 44
+    first = brown[0]["text"]
+    assert first.startswith("The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary")
+    assert '"no evidence" that any irregularities took place.' in first and "\n\n" in first
+    words = sum(len(text.split()) for text in brown["text"])
+    assert 950_000 < words < 1_100_000  # ~1M words of running text
+    everything = "\n".join(brown["text"])
+    # No tag, quote token or doubled punctuation of the tagged files survives.
+    for leftover in ("/nn", "/at ", "``", " '' ", " ;;", "??", "Jr.."):  # (inch marks like 10'' are real text)
+        assert leftover not in everything, leftover
+
+
+def test_joined_embedded_corpora_split_without_leaks():
+    splits = load_text_dataset("bbc+brown")
+    ids = list(splits["train"]["document_id"]) + list(splits["validation"]["document_id"])
+    assert len(ids) == 2725 and len(set(ids)) == 2725
+    assert set(splits["train"]["text"]).isdisjoint(splits["validation"]["text"])
+    assert any(i.startswith("brown/") for i in splits["validation"]["document_id"])
+    with pytest.raises(ValueError, match="'bbc\\+bbc'.*accepted names are \\['bbc', 'brown'\\]"):
+        load_text_dataset("bbc+bbc")
 
 
 def test_streaming_split_matches_in_memory_split():

