@@ -10,13 +10,14 @@ Stages (each writes its outputs under `--output_dir` and is skipped when already
                 optionally "ar", a stock `LlamaForCausalLM` of the same width and depth trained from scratch on as
                 many tokens as pretraining + one arm (the quality reference, and an in-domain Gen-PPL judge);
 4. sampling   - every cell of the plan (`plan_cells`: arm x sampler x step budget T, ReMDM "cap" below T = L and
-                "loop" from T = L, optional ROAR at T = L and extra seeds at the largest T) draws N samples;
+                "loop" from T = L, optional ROAR at T = L and extra seeds at one T) draws N samples;
 5. metrics    - MAUVE (features of an offline MiniLM sentence encoder, averaged over k-means seeds), the
                 Frechet distance of the same features, generative perplexity under SmolLM2-135M (GGUF, offline),
                 unigram entropy, NFE; a Markdown table, a JSON file and a PNG plot of MAUVE against NFE.
 
 Presets: "demo" (the README's main job, ~10 minutes on 2 CPU cores), "ci" (a minute: the test suite runs it),
-"replication" (the miniature replication of the paper's quality-per-NFE curve: hours; run it in the background).
+"replication" (the miniature replication of the paper's quality-per-NFE curve on BBC + Brown: ~1.5 hours on 2 CPU
+cores; run it in the background, it resumes where it stopped).
 Every field of a preset can be overridden on the command line.
 """
 
@@ -39,12 +40,15 @@ logger = logging.getLogger(__name__)
 
 PRESETS = {
     "ci": dict(
+        corpus="bbc",
         bpe_vocab_size=512,
         block_size=32,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         embed_dim=16,
+        dropout=0.0,
+        save_steps=0,
         max_documents=300,
         pretrain_steps=30,
         finetune_steps=15,
@@ -57,14 +61,18 @@ PRESETS = {
         ar_arm=True,
         roar_reference=True,
         noise_floor_seeds=[1],
+        noise_floor_steps=8,
     ),
     "demo": dict(
+        corpus="bbc",
         bpe_vocab_size=1024,
         block_size=64,
         hidden_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         embed_dim=32,
+        dropout=0.0,
+        save_steps=0,
         max_documents=None,
         pretrain_steps=600,
         finetune_steps=200,
@@ -77,26 +85,31 @@ PRESETS = {
         ar_arm=False,
         roar_reference=False,
         noise_floor_seeds=[],
+        noise_floor_steps=64,
     ),
     "replication": dict(
+        corpus="bbc+brown",
         bpe_vocab_size=2048,
-        block_size=128,
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        embed_dim=64,
+        block_size=64,
+        hidden_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        embed_dim=32,
+        dropout=0.0,
+        save_steps=500,
         max_documents=None,
-        pretrain_steps=20000,
-        finetune_steps=4000,
+        pretrain_steps=6000,
+        finetune_steps=1000,
         batch_size=32,
-        step_budgets=[8, 16, 32, 64, 128, 256],
+        step_budgets=[4, 8, 16, 32, 64],
         samples_per_cell=1000,
         mauve_seeds=[25, 26, 27, 28, 29],
         judge="smollm2",
-        judge_samples=0,
+        judge_samples=200,
         ar_arm=True,
         roar_reference=True,
         noise_floor_seeds=[1],
+        noise_floor_steps=16,
     ),
 }
 LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (t <= t_off)
@@ -128,8 +141,8 @@ def remdm_knobs(num_steps: int, length: int) -> dict:
 
 def plan_cells(args) -> list[Cell]:
     """MDLM and MDLM+ReMDM are the baseline; the DSL arm drives ReMDM and its continuous samplers. Optional: ROAR
-    as the T = L reference, the AR model (T = L - 1 cached forward passes), and extra sampling seeds for the largest
-    budget to show the noise floor."""
+    as the T = L reference, the AR model (T = L - 1 cached forward passes), and extra sampling seeds for one
+    budget (`noise_floor_steps`) to show the noise floor."""
     cells = []
     for steps in args.step_budgets:
         remdm = tuple(sorted(remdm_knobs(steps, args.block_size).items()))
@@ -141,7 +154,7 @@ def plan_cells(args) -> list[Cell]:
         ]
         if steps >= 2:  # the hybrid needs at least one continuous and one discrete step
             per_budget.append(("dsl", "hybrid", ()))
-        seeds = [args.seed] + ([args.seed + s for s in args.noise_floor_seeds] if steps == max(args.step_budgets) else [])
+        seeds = [args.seed] + ([args.seed + s for s in args.noise_floor_seeds] if steps == args.noise_floor_steps else [])
         cells += [Cell(arm, sampler, knobs, steps, seed) for arm, sampler, knobs in per_budget for seed in seeds]
     if args.roar_reference:
         cells.append(Cell("dsl", "roar", (), args.block_size, args.seed))
@@ -154,8 +167,9 @@ def plan_cells(args) -> list[Cell]:
 class DemoArguments:
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where every stage writes (resumable)."})
     preset: str = field(default="demo", metadata={"help": f"One of {sorted(PRESETS)}; fields below override it."})
-    corpus: str = field(
-        default="bbc", metadata={"help": "Training corpus: 'bbc' (embedded) or local text/JSON files."}
+    corpus: str | None = field(
+        default=None,
+        metadata={"help": "Training corpus: 'bbc', 'brown', 'bbc+brown' (embedded) or local text/JSON files."},
     )
     bpe_vocab_size: int | None = field(default=None, metadata={"help": "Real tokens of the corpus-trained BPE."})
     block_size: int | None = field(default=None, metadata={"help": "Sequence length L (wrapped rows)."})
@@ -163,6 +177,7 @@ class DemoArguments:
     num_hidden_layers: int | None = field(default=None, metadata={"help": "Model depth."})
     num_attention_heads: int | None = field(default=None, metadata={"help": "Attention heads."})
     embed_dim: int | None = field(default=None, metadata={"help": "DSL noisy-state dimension d."})
+    dropout: float | None = field(default=None, metadata={"help": "Dropout of the denoiser and the AR model."})
     max_documents: int | None = field(default=None, metadata={"help": "Use at most N documents (quick runs)."})
     pretrain_steps: int | None = field(default=None, metadata={"help": "MDLM pretraining steps (cosine decay)."})
     finetune_steps: int | None = field(default=None, metadata={"help": "Fine-tuning steps of each arm."})
@@ -187,7 +202,13 @@ class DemoArguments:
     )
     roar_reference: bool | None = field(default=None, metadata={"help": "Add DSL+ROAR at T = L as a reference."})
     noise_floor_seeds: list[int] | None = field(
-        default=None, metadata={"help": "Seed offsets re-sampled at the largest T to show the seed-to-seed spread."}
+        default=None, metadata={"help": "Seed offsets re-sampled at T = noise_floor_steps (seed-to-seed spread)."}
+    )
+    noise_floor_steps: int | None = field(
+        default=None, metadata={"help": "The step budget whose cells are re-sampled with the extra seeds."}
+    )
+    save_steps: int | None = field(
+        default=None, metadata={"help": "Checkpoint every N training steps so a stopped stage resumes (0 = never)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of data order, initialization and sampling."})
 
@@ -200,12 +221,20 @@ class DemoArguments:
         for name in ("pretrain_steps", "finetune_steps", "batch_size", "samples_per_cell", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1).")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps={self.save_steps} must be >= 0 (0 = no mid-stage checkpoints).")
         if self.judge_samples < 0:
             raise ValueError(f"judge_samples={self.judge_samples} must be >= 0 (0 scores every sample).")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must lie in (0, 1].")
         if any(t < 1 for t in self.step_budgets):
             raise ValueError(f"step_budgets={self.step_budgets} must all be >= 1.")
+        if self.noise_floor_seeds and self.noise_floor_steps not in self.step_budgets:
+            raise ValueError(
+                f"noise_floor_steps={self.noise_floor_steps} must be one of step_budgets={self.step_budgets}."
+            )
 
 
 class Stage:
@@ -263,7 +292,8 @@ def recipe(args, out_dir, steps, learning_rate) -> dict:
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
         warmup_steps=min(100, steps // 10), weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
-        save_strategy="no", report_to=[], eval_strategy="no", seed=args.seed, data_seed=args.seed,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, save_total_limit=1,
+        report_to=[], eval_strategy="no", seed=args.seed, data_seed=args.seed,
         use_cpu=not torch.cuda.is_available(),  # a lent GPU trains the replication preset in minutes
         dataloader_num_workers=0,
     )
@@ -271,9 +301,11 @@ def recipe(args, out_dir, steps, learning_rate) -> dict:
 
 def train_and_save(args, trainer, out_dir, steps) -> dict:
     """Train, evaluate on the validation rows, save; the record every arm's `done.json` starts from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(out_dir) if args.save_steps else None)
+    seconds = time.perf_counter() - start  # of this session only when the stage resumed from a checkpoint
     metrics = trainer.evaluate(eval_dataset=trainer.eval_dataset)
     trainer.save_model(out_dir)
     return {
@@ -311,7 +343,7 @@ def stage_pretrain(args, rows, tokenizer):
             cond_dim=64,
             max_position_embeddings=args.block_size,
             embed_dim=args.embed_dim,
-            dropout=0.0,
+            dropout=args.dropout,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -365,7 +397,7 @@ def stage_ar(args, rows, tokenizer):
             vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
             num_attention_heads=args.num_attention_heads,
             intermediate_size=8 * args.hidden_size // 3,  # SwiGLU's three matrices ~ the DiT's 4x two-matrix MLP
-            max_position_embeddings=args.block_size, bos_token_id=tokenizer.bos_token_id,
+            max_position_embeddings=args.block_size, attention_dropout=args.dropout, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(config)
@@ -472,8 +504,6 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
         compute_unigram_entropy,
         frechet_distance,
     )
-    from .plots import Curve, plot_metric_vs_nfe
-
     featurizer = TextFeaturizer(minilm_encoder_path(), max_text_length=args.block_size * 2)
     reference_ids = rows["validation"]["input_ids"][: args.samples_per_cell].tolist()
     reference_texts = tokenizer.batch_decode(reference_ids, skip_special_tokens=False)
@@ -535,23 +565,15 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             "seconds": cell["seconds"],
         }
         results.append(row)
-    curves = {}
-    for row in results:  # one line per arm and sampler; the extra-seed rows only show the noise floor in the table
-        if row["seed"] == args.seed:
-            curves.setdefault(row["curve"], []).append(row)
-    plot_path = os.path.join(args.output_dir, "mauve_vs_nfe.png")
-    plot_metric_vs_nfe(
-        [Curve(label, [r["nfe"] for r in rs], [r["mauve"] for r in rs]) for label, rs in sorted(curves.items())],
-        plot_path,
-        metric_name="MAUVE (MiniLM features)",
-        title=f"MAUVE vs NFE ({args.preset} preset, {args.samples_per_cell} samples per cell)",
-        caption=f"{args.corpus} corpus, L={args.block_size}, k-means seeds {args.mauve_seeds}, sampling seed {args.seed}",
-    )
+    plot_path, frechet_plot_path = plot_curves(args, results)
+    headline = nfe_to_match(results, args.seed)
     report = {
         "preset": args.preset,
         "arguments": asdict(args),
         "results": results,
+        "nfe_to_match_mdlm_remdm": headline,
         "plot": plot_path,
+        "frechet_plot": frechet_plot_path,
         "reference": {
             "source": f"{args.corpus} validation (wrapped rows)",
             "num_texts": len(reference_texts),
@@ -567,10 +589,89 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n" + headline_table(headline)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     return report, table
+
+
+def seed_curves(results: list[dict], seed: int, metric: str):
+    """One curve per arm + sampler from the main-seed rows (the extra-seed rows only show the noise floor)."""
+    from .plots import Curve
+
+    points = {}
+    for row in results:
+        if row["seed"] == seed and row[metric] is not None:
+            points.setdefault(row["curve"], []).append((row["nfe"], row[metric]))
+    return {label: Curve(label, [n for n, _ in pts], [v for _, v in pts]) for label, pts in sorted(points.items())}
+
+
+def plot_curves(args, results: list[dict]) -> tuple[str, str]:
+    from .plots import plot_metric_vs_nfe
+
+    caption = (
+        f"{args.corpus} corpus, L={args.block_size}, {args.samples_per_cell} samples per cell, "
+        f"sampling seed {args.seed}; MiniLM-L6 features"
+    )
+    paths = []
+    for metric, name, file_name in (
+        ("mauve", f"MAUVE (mean over k-means seeds {args.mauve_seeds})", "mauve_vs_nfe.png"),
+        ("frechet", "Frechet distance of the features (lower is better)", "frechet_vs_nfe.png"),
+    ):
+        path = os.path.join(args.output_dir, file_name)
+        plot_metric_vs_nfe(
+            list(seed_curves(results, args.seed, metric).values()), path, metric_name=name,
+            title=f"{name.split(' (')[0]} vs NFE ({args.preset} preset)", caption=caption,
+        )
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+HEADLINE_CANDIDATES = ("dsl+remdm", "dsl+hybrid", "dsl+dsl-sde")
+
+
+def nfe_to_match(results: list[dict], seed: int) -> dict:
+    """The paper's headline measured here: for every T of MDLM+ReMDM (the baseline), the NFE each DSL sampler
+    needs to reach the same MAUVE (and the same Frechet distance, a lower-variance reading of the same features),
+    interpolated in log-NFE between measured points and never extrapolated (see `plots.nfe_to_reach`)."""
+    from .plots import compare_curves
+
+    headline = {}
+    for metric, higher_is_better in (("mauve", True), ("frechet", False)):
+        curves = seed_curves(results, seed, metric)
+        if "mdlm+remdm" not in curves:
+            continue
+        headline[metric] = {
+            candidate: [c.to_dict() for c in compare_curves(curves["mdlm+remdm"], curves[candidate], higher_is_better)]
+            for candidate in HEADLINE_CANDIDATES
+            if candidate in curves
+        }
+    return headline
+
+
+def headline_table(headline: dict) -> str:
+    lines = [
+        "NFE each DSL sampler needs to match MDLM+ReMDM (interpolated in log-NFE; '<=' = already matched at its "
+        "cheapest point, 'not reached' = not within its measured range):",
+        "",
+        "| metric | MDLM+ReMDM NFE | MDLM+ReMDM value | " + " | ".join(headline.get("mauve", {})) + " |",
+        "|---|---|---|" + "---|" * len(headline.get("mauve", {})),
+    ]
+    for metric, per_candidate in headline.items():
+        candidates = list(per_candidate)
+        for i, base in enumerate(per_candidate[candidates[0]]):
+            cells = []
+            for candidate in candidates:
+                point = per_candidate[candidate][i]
+                if point["status"] == "not_reached":
+                    cells.append("not reached")
+                else:
+                    bound = "<= " if point["status"] == "at_first_point" else ""
+                    cells.append(f"{bound}{point['candidate_nfe']:.1f} ({point['speedup']:.2f}x)")
+            lines.append(
+                f"| {metric} | {base['baseline_nfe']:g} | {base['baseline_value']:.4f} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -625,7 +726,7 @@ def run(args: DemoArguments) -> dict:
             f"eval {json.dumps({k: round(v, 3) for k, v in record['eval'].items() if 'loss' in k or 'ppl' in k})}"
             + (f"; E cosine to init {moved:.4f}" if moved is not None else "")
         )
-    print(f"plot: {report['plot']}\nsamples: {samples_path}\nresults: {os.path.join(args.output_dir, 'results.json')}")
+    print(f"plots: {report['plot']}, {report['frechet_plot']}\nsamples: {samples_path}\nresults: {os.path.join(args.output_dir, 'results.json')}")
     print(f"featurizer: {report['featurizer']}; judge: {report['judge']}; wall time {report['wall_seconds']:.0f} s")
     return report
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dsl_diffusion.evaluation.demo import DemoArguments, main, plan_cells, remdm_knobs
+from dsl_diffusion.evaluation.demo import DemoArguments, headline_table, main, nfe_to_match, plan_cells, remdm_knobs
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_every_artifact(demo_dir):
-    for name in ("results.json", "results.md", "mauve_vs_nfe.png", "samples.txt"):
+    for name in ("results.json", "results.md", "mauve_vs_nfe.png", "frechet_vs_nfe.png", "samples.txt"):
         assert (demo_dir / name).stat().st_size > 0, name
     for stage in ("tokenizer", "pretrain", "arm-mdlm", "arm-dsl", "samples"):
         assert (demo_dir / stage / "done.json").is_file(), stage
@@ -53,6 +53,38 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
     # The DSL arm trains its own token directions (higher learning rate); the MDLM arm never touches them.
     assert report["arms"]["mdlm"]["directions_mean_cosine_to_init"] == pytest.approx(1.0, abs=1e-6)
     assert report["arms"]["dsl"]["directions_mean_cosine_to_init"] < 1.0 - 1e-5
+    # The headline: for each T of MDLM+ReMDM, the NFE every DSL sampler needs to match it, in MAUVE and Frechet.
+    headline = report["nfe_to_match_mdlm_remdm"]
+    assert set(headline) == {"mauve", "frechet"}
+    for per_candidate in headline.values():
+        assert set(per_candidate) == {"dsl+remdm", "dsl+hybrid", "dsl+dsl-sde"}
+        for points in per_candidate.values():
+            assert [p["baseline_nfe"] for p in points] == sorted(p["baseline_nfe"] for p in points)
+            assert len(points) == len(args.step_budgets)
+            assert all(p["status"] in ("interpolated", "at_first_point", "not_reached") for p in points)
+    assert "NFE each DSL sampler needs to match MDLM+ReMDM" in (demo_dir / "results.md").read_text()
+
+
+def _row(curve, nfe, mauve, frechet, seed=0):
+    return {"curve": curve, "nfe": nfe, "mauve": mauve, "frechet": frechet, "seed": seed}
+
+
+def test_nfe_to_match_reads_the_headline_off_the_curves():
+    rows = [_row("mdlm+remdm", n, m, f) for n, m, f in ((4, 0.1, 3.0), (8, 0.2, 2.0), (16, 0.3, 1.0))]
+    rows += [_row("dsl+remdm", n, m, f) for n, m, f in ((4, 0.2, 2.5), (8, 0.3, 1.0), (16, 0.35, 0.5))]
+    rows += [_row("dsl+remdm", 8, 0.9, 0.1, seed=1)]  # a noise-floor seed never enters the curves
+    headline = nfe_to_match(rows, seed=0)
+    mauve = headline["mauve"]["dsl+remdm"]
+    assert [p["status"] for p in mauve] == ["at_first_point", "at_first_point", "interpolated"]
+    assert mauve[2]["candidate_nfe"] == pytest.approx(8.0) and mauve[2]["speedup"] == pytest.approx(2.0)
+    frechet = headline["frechet"]["dsl+remdm"]  # lower is better: 2.0 is crossed halfway (in log-NFE) from 4 to 8
+    assert frechet[1]["status"] == "interpolated"
+    assert frechet[1]["candidate_nfe"] == pytest.approx(4 * 2 ** ((2.5 - 2.0) / 1.5))
+    assert frechet[2]["candidate_nfe"] == pytest.approx(8.0)
+    table = headline_table(headline)
+    assert "| mauve | 16 | 0.3000 | 8.0 (2.00x) |" in table and "| mauve | 4 | 0.1000 | <= 4.0 (1.00x) |" in table
+    worse = [dict(r, curve="dsl+remdm", mauve=r["mauve"] / 10) for r in rows if r["curve"] == "mdlm+remdm"]
+    assert nfe_to_match(rows[:3] + worse, seed=0)["mauve"]["dsl+remdm"][0]["status"] == "not_reached"
 
 
 def test_demo_resumes_without_redoing_finished_stages(demo_dir):
@@ -67,9 +99,12 @@ def test_cell_plan_follows_the_published_remdm_settings():
     assert remdm_knobs(num_steps=64, length=64) == {"strategy": "loop", "eta": 0.02, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9}
     args = DemoArguments(preset="ci")
     cells = plan_cells(args)
-    largest = max(args.step_budgets)
-    assert {c.seed for c in cells if c.num_steps == largest and c.arm != "ar"} == {0, 1}
-    assert {c.seed for c in cells if c.num_steps < largest} == {0}
+    floor = args.noise_floor_steps
+    assert {c.seed for c in cells if c.num_steps == floor and c.arm != "ar"} == {0, 1}
+    assert {c.seed for c in cells if c.num_steps != floor} == {0}
+    replication = plan_cells(DemoArguments(preset="replication"))
+    assert {c.num_steps for c in replication if c.seed == 1} == {16}
+    assert sum(c.seed == 0 for c in replication) == 5 * 5 + 2  # 5 curves x 5 budgets + ROAR + AR
     assert len({c.name for c in cells}) == len(cells)
 
 
@@ -78,3 +113,7 @@ def test_demo_rejects_bad_arguments():
         DemoArguments(preset="huge")
     with pytest.raises(ValueError, match="top_p=1.5"):
         DemoArguments(preset="ci", top_p=1.5)
+    with pytest.raises(ValueError, match=r"noise_floor_steps=5 must be one of step_budgets=\[4, 8\]"):
+        DemoArguments(preset="ci", noise_floor_steps=5)
+    with pytest.raises(ValueError, match="dropout=1.0 must lie in"):
+        DemoArguments(preset="ci", dropout=1.0)
