@@ -292,7 +292,7 @@ def recipe(args, out_dir, steps, learning_rate) -> dict:
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
         warmup_steps=min(100, steps // 10), weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, save_total_limit=1,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, save_total_limit=2,
         report_to=[], eval_strategy="no", seed=args.seed, data_seed=args.seed,
         use_cpu=not torch.cuda.is_available(),  # a lent GPU trains the replication preset in minutes
         dataloader_num_workers=0,
@@ -303,8 +303,9 @@ def train_and_save(args, trainer, out_dir, steps) -> dict:
     """Train, evaluate on the validation rows, save; the record every arm's `done.json` starts from."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    checkpoint = get_last_checkpoint(out_dir) if args.save_steps else None
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(out_dir) if args.save_steps else None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start  # of this session only when the stage resumed from a checkpoint
     metrics = trainer.evaluate(eval_dataset=trainer.eval_dataset)
     trainer.save_model(out_dir)
@@ -312,6 +313,7 @@ def train_and_save(args, trainer, out_dir, steps) -> dict:
         "train_seconds": seconds,
         "steps": steps,
         "tokens": steps * args.batch_size * args.block_size,
+        "resumed_from_checkpoint": checkpoint and os.path.basename(checkpoint),
         "eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
 

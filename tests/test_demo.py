@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -12,7 +13,7 @@ from dsl_diffusion.evaluation.demo import DemoArguments, headline_table, main, n
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    main(["--preset", "ci", "--output_dir", str(out), "--judge", "smollm2"])
+    main(["--preset", "ci", "--output_dir", str(out), "--judge", "smollm2", "--save_steps", "10"])
     return out
 
 
@@ -88,10 +89,19 @@ def test_nfe_to_match_reads_the_headline_off_the_curves():
 
 
 def test_demo_resumes_without_redoing_finished_stages(demo_dir):
-    before = {stage: os.path.getmtime(demo_dir / stage / "done.json") for stage in ("pretrain", "arm-mdlm", "arm-dsl")}
-    main(["--preset", "ci", "--output_dir", str(demo_dir), "--judge", "none"])
+    before = {stage: os.path.getmtime(demo_dir / stage / "done.json") for stage in ("pretrain", "arm-dsl")}
+    first_run = json.loads((demo_dir / "arm-mdlm" / "done.json").read_text())
+    assert first_run["resumed_from_checkpoint"] is None
+    # An arm stopped after its step-10 checkpoint (of 15 steps) resumes from that checkpoint, not from scratch.
+    (demo_dir / "arm-mdlm" / "done.json").unlink()
+    shutil.rmtree(demo_dir / "arm-mdlm" / "checkpoint-15")
+    assert sorted(p.name for p in (demo_dir / "arm-mdlm").glob("checkpoint-*")) == ["checkpoint-10"]
+    main(["--preset", "ci", "--output_dir", str(demo_dir), "--judge", "none", "--save_steps", "10"])
     after = {stage: os.path.getmtime(demo_dir / stage / "done.json") for stage in before}
     assert before == after
+    resumed = json.loads((demo_dir / "arm-mdlm" / "done.json").read_text())
+    assert resumed["resumed_from_checkpoint"] == "checkpoint-10" and resumed["steps"] == 15
+    assert resumed["eval"]["eval_loss"] == pytest.approx(first_run["eval"]["eval_loss"], rel=1e-4)
 
 
 def test_cell_plan_follows_the_published_remdm_settings():
