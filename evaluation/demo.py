@@ -200,6 +200,9 @@ class DemoArguments:
     ar_arm: bool | None = field(
         default=None, metadata={"help": "Train an autoregressive transformer (LlamaForCausalLM) with equal tokens."}
     )
+    ar_steps: int | None = field(
+        default=None, metadata={"help": "Training steps of the AR arm (default: pretrain_steps + finetune_steps)."}
+    )
     roar_reference: bool | None = field(default=None, metadata={"help": "Add DSL+ROAR at T = L as a reference."})
     noise_floor_seeds: list[int] | None = field(
         default=None, metadata={"help": "Seed offsets re-sampled at T = noise_floor_steps (seed-to-seed spread)."}
@@ -223,6 +226,8 @@ class DemoArguments:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must lie in [0, 1).")
+        if self.ar_steps is not None and self.ar_steps < 1:
+            raise ValueError(f"ar_steps={self.ar_steps} must be >= 1 (or unset: pretrain_steps + finetune_steps).")
         if self.save_steps < 0:
             raise ValueError(f"save_steps={self.save_steps} must be >= 0 (0 = no mid-stage checkpoints).")
         if self.judge_samples < 0:
@@ -386,8 +391,8 @@ def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
 
 
 def stage_ar(args, rows, tokenizer):
-    """The quality reference: a stock causal LM of the same width and depth, trained on as many tokens as the MDLM
-    arm saw in total (pretraining + fine-tuning), with the same learning-rate recipe."""
+    """The quality reference: a stock causal LM of the same width and depth, trained by default on as many tokens as
+    the MDLM arm saw in total (pretraining + fine-tuning; `ar_steps` overrides it), with the same recipe."""
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from ..trainer import DiffusionDataCollator
@@ -409,7 +414,7 @@ def stage_ar(args, rows, tokenizer):
             batch = collate_rows(features)
             return {**batch, "labels": batch["input_ids"].clone()}
 
-        steps = args.pretrain_steps + args.finetune_steps
+        steps = args.ar_steps or args.pretrain_steps + args.finetune_steps
         trainer = Trainer(
             model=model, args=TrainingArguments(**recipe(args, stage.path, steps, args.learning_rate)),
             train_dataset=rows["train"], eval_dataset=rows["validation"], data_collator=collate,

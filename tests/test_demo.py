@@ -127,3 +127,5 @@ def test_demo_rejects_bad_arguments():
         DemoArguments(preset="ci", noise_floor_steps=5)
     with pytest.raises(ValueError, match="dropout=1.0 must lie in"):
         DemoArguments(preset="ci", dropout=1.0)
+    with pytest.raises(ValueError, match="ar_steps=0 must be >= 1"):
+        DemoArguments(preset="ci", ar_steps=0)
