@@ -113,8 +113,14 @@ def test_cell_plan_follows_the_published_remdm_settings():
     assert {c.seed for c in cells if c.num_steps == floor and c.arm != "ar"} == {0, 1}
     assert {c.seed for c in cells if c.num_steps != floor} == {0}
     replication = plan_cells(DemoArguments(preset="replication"))
-    assert {c.num_steps for c in replication if c.seed == 1} == {16}
-    assert sum(c.seed == 0 for c in replication) == 5 * 5 + 2  # 5 curves x 5 budgets + ROAR + AR
+    assert {c.num_steps for c in replication if c.seed == 1} == {8}
+    # The headline pair (MDLM+ReMDM, DSL+ReMDM) at all 5 budgets, MDLM / DSL-SDE / hybrid at 2, the AR reference.
+    assert sum(c.seed == 0 for c in replication) == 2 * 5 + 3 * 2 + 1
+    curves = {}
+    for c in replication:
+        curves.setdefault(c.name.split("@")[0].replace("-cap", "").replace("-loop", ""), set()).add(c.num_steps)
+    assert curves["mdlm+remdm"] == curves["dsl+remdm"] == {4, 8, 16, 32, 64}
+    assert curves["mdlm+mdlm"] == curves["dsl+dsl-sde"] == curves["dsl+hybrid"] == {4, 16}
     assert len({c.name for c in cells}) == len(cells)
 
 
@@ -127,5 +133,7 @@ def test_demo_rejects_bad_arguments():
         DemoArguments(preset="ci", noise_floor_steps=5)
     with pytest.raises(ValueError, match="dropout=1.0 must lie in"):
         DemoArguments(preset="ci", dropout=1.0)
+    with pytest.raises(ValueError, match=r"secondary_step_budgets=\[2\] must be a subset of step_budgets=\[4, 8\]"):
+        DemoArguments(preset="ci", secondary_step_budgets=[2])
     with pytest.raises(ValueError, match="ar_steps=0 must be >= 1"):
         DemoArguments(preset="ci", ar_steps=0)
