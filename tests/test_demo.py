@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dsl_diffusion.evaluation.demo import DemoArguments, headline_table, main, nfe_to_match, plan_cells, remdm_knobs
+from dsl_diffusion.evaluation.demo import DemoArguments, eos_fraction, headline_table, main, nfe_to_match, plan_cells, remdm_knobs
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,12 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
         assert 0.0 <= row["mauve"] <= 1.0 and row["mauve_std"] >= 0.0
         assert math.isfinite(row["frechet"]) and row["frechet"] >= 0.0
         assert 0.0 <= row["entropy"] <= math.log(args.block_size) + 1e-9
+        assert 0.0 <= row["eos_fraction"] <= 1.0
         assert math.isfinite(row["gen_ppl"]) and row["gen_ppl"] > 1.0
         assert row["num_samples"] == args.samples_per_cell
         assert 1 <= row["nfe"] <= row["num_steps"] + 1
     assert report["judge"]["gguf_file"].endswith(".gguf")
+    assert report["reference"]["eos_fraction"] >= 2 / args.block_size  # wrapped rows: [BOS] ... [EOS], BOS = EOS
     for arm in ("mdlm", "dsl"):
         record = report["arms"][arm]
         assert record["steps"] == args.finetune_steps
@@ -64,6 +66,10 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
             assert len(points) == len(args.step_budgets)
             assert all(p["status"] in ("interpolated", "at_first_point", "not_reached") for p in points)
     assert "NFE each DSL sampler needs to match MDLM+ReMDM" in (demo_dir / "results.md").read_text()
+
+
+def test_eos_fraction_counts_every_position():
+    assert eos_fraction([[0, 5, 6, 0], [0, 0, 0, 0]], eos_token_id=0) == pytest.approx(6 / 8)
 
 
 def _row(curve, nfe, mauve, frechet, seed=0):
