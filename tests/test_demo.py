@@ -43,6 +43,9 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
     for arm in ("mdlm", "dsl"):
         record = report["arms"][arm]
         assert record["steps"] == args.finetune_steps
+        diagnostics = record["diagnostics"]
+        assert 0.0 <= diagnostics["all_masked_eos_probability"] <= diagnostics["all_masked_top_token_probability"] <= 1
+        assert 0.0 < diagnostics["converter_mask_slot_weight_at_z0"] < 1.0
         assert math.isfinite(record["eval"]["eval_loss"])
     # The AR reference saw as many tokens as pretraining + one arm, and judges every cell in-domain.
     ar = report["arms"]["ar"]
