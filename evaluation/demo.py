@@ -703,6 +703,8 @@ def nfe_to_match(results: list[dict], seed: int) -> dict:
 
 
 def headline_table(headline: dict) -> str:
+    if not headline:
+        return "(no MDLM+ReMDM curve in this run: no NFE-to-match table)\n"
     lines = [
         "NFE each DSL sampler needs to match MDLM+ReMDM (interpolated in log-NFE; '<=' = already matched at its "
         "cheapest point, 'not reached' = not within its measured range):",
