@@ -631,10 +631,12 @@ def endpoint_diagnostics(model, eos_token_id: int, length: int) -> dict:
     the mask slot at z = 0 and the predicted EOS probability. A DSL arm whose mask-slot bias drifted down while the
     all-masked regime was rarely trained can collapse to EOS here (see the replication results)."""
     ids = torch.full((1, length), model.config.mask_token_id, device=model.device)
-    probs = model(input_ids=ids).logits.float().softmax(-1)
+    probs = model(input_ids=ids).logits.float().softmax(-1)[0]
+    # Summed in one order in Python: the EOS mean can then never round above the top-token mean it is bounded by.
+    eos, top = probs[:, eos_token_id].tolist(), probs.max(-1).values.tolist()
     return {
-        "all_masked_eos_probability": float(probs[..., eos_token_id].mean()),
-        "all_masked_top_token_probability": float(probs.max(-1).values.mean()),
+        "all_masked_eos_probability": sum(eos) / length,
+        "all_masked_top_token_probability": sum(top) / length,
         "converter_mask_slot_weight_at_z0": float(model.converter_bias.float().softmax(-1)[-1]),
         "converter_mask_slot_bias": float(model.converter_bias[-1]),
         "converter_beta": float(model.converter_beta),
@@ -650,13 +652,10 @@ def eos_fraction(token_ids: list[list[int]], eos_token_id: int) -> float:
 
 def seed_curves(results: list[dict], seed: int, metric: str):
     """One curve per arm + sampler from the main-seed rows (the extra-seed rows only show the noise floor)."""
-    from .plots import Curve
+    from .plots import curves_from_rows
 
-    points = {}
-    for row in results:
-        if row["seed"] == seed and row[metric] is not None:
-            points.setdefault(row["curve"], []).append((row["nfe"], row[metric]))
-    return {label: Curve(label, [n for n, _ in pts], [v for _, v in pts]) for label, pts in sorted(points.items())}
+    curves = curves_from_rows([row for row in results if row["seed"] == seed], metric, group_keys=("curve",))
+    return {curve.label: curve for curve in sorted(curves, key=lambda curve: curve.label)}
 
 
 def plot_curves(args, results: list[dict]) -> tuple[str, str]:
