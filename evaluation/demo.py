@@ -640,6 +640,7 @@ def endpoint_diagnostics(model, eos_token_id: int, length: int) -> dict:
         "converter_mask_slot_weight_at_z0": float(model.converter_bias.float().softmax(-1)[-1]),
         "converter_mask_slot_bias": float(model.converter_bias[-1]),
         "converter_beta": float(model.converter_beta),
+        "endpoint_inputs": model.config.endpoint_inputs,  # what the discrete samplers above fed the network
     }
 
 

@@ -13,6 +13,8 @@ MDLM_CONFIG_ALIASES = {
     "model_length": "max_position_embeddings",
 }
 SNR_CONDITIONING_MODES = ("none", "norm")
+# How `forward(input_ids=...)` shows the discrete endpoints ([MASK] = SNR 0, a token = SNR s_hi) to the backbone.
+ENDPOINT_INPUTS = ("table", "converter", "converter_at_mask")
 
 
 @strict(accept_kwargs=True)
@@ -44,6 +46,13 @@ class DSLConfig(PreTrainedConfig):
             on the SNRs) or "norm" (per-token adaLN conditioning on ||z_i||) (**[choice]**).
         time_conditioning: MDLM's sigma conditioning; off in the released MDLM and in DSL.
         snr_max: the SNR that stands for a clean token (s_hi = s_max, default 100).
+        endpoint_inputs: what `forward(input_ids=...)` feeds the backbone, i.e. which inputs the weights were trained
+            on. "table": the value-table rows W[x] and W[V] (MDLM's lookup: exact for MDLM weights and for a fresh
+            `from_mdlm` conversion). "converter": the converter at the SNR endpoints, exactly what DSL training shows
+            the network: `[MASK]` is the converter at z = 0, softmax(b) W, and a token x the converter at
+            z = s_hi e_x (s_hi = `snr_max` unless `endpoint_snr` is passed). "converter_at_mask": the converter at
+            `[MASK]` and the exact s -> infinity limit W[x] at tokens. `DSLTrainer` sets "converter" when it trains
+            with the DSL objective.
         direction_init_std: std of the Gaussian draw that initializes the token directions (then normalized).
         initializer_range: std of the normal init of linear layers.
     """
@@ -67,6 +76,7 @@ class DSLConfig(PreTrainedConfig):
     snr_conditioning: str = "none"
     time_conditioning: bool = False
     snr_max: float | int = 100.0
+    endpoint_inputs: str = "table"
     direction_init_std: float | int = 1.0
     initializer_range: float | int = 0.02
     pad_token_id: int | None = None
@@ -116,6 +126,11 @@ class DSLConfig(PreTrainedConfig):
             )
         if self.snr_conditioning != "none" and self.time_conditioning:
             raise ValueError("time_conditioning=True and snr_conditioning='norm' both claim the adaLN input; pick one.")
+        if self.endpoint_inputs not in ENDPOINT_INPUTS:
+            raise ValueError(
+                f"endpoint_inputs={self.endpoint_inputs!r} is not supported; accepted: {ENDPOINT_INPUTS} (\"table\" for "
+                "MDLM weights, \"converter\" for weights trained with the DSL objective)."
+            )
         if self.snr_max <= 0:
             raise ValueError(f"snr_max={self.snr_max} must be > 0.")
         if self.embed_dim < 1:

@@ -7,8 +7,10 @@ on the SNRs s_i, so the same f_theta(z) is Bayes-optimal whether z came from mas
 
 The backbone keeps MDLM's parameter names (`backbone.*`), so the public MDLM checkpoint maps onto it by name. Its
 input lookup becomes a converter: p~_i = softmax(beta <z_i, E> ++ [0] + b) over the V tokens and a `[MASK]` slot,
-and h_i = p~_i W, where W is MDLM's input table. Token ids are the SNR endpoints of that converter: a token row of W
-(s = infinity) or the mask row (s = 0). This file knows nothing of losses or samplers.
+and h_i = p~_i W, where W is MDLM's input table. Token ids are the SNR endpoints of that converter (`[MASK]` is
+s = 0, a token s = s_hi); `config.endpoint_inputs` records whether the weights were trained on the converter's output
+at those endpoints (DSL) or on the table rows W[x], W[V] (MDLM), and `forward(input_ids=...)` shows them the same.
+This file knows nothing of losses or samplers.
 """
 
 import json
@@ -250,9 +252,10 @@ class DSLPreTrainedModel(PreTrainedModel):
 class DSLForMaskedDiffusion(DSLPreTrainedModel):
     """The DSL denoiser f_theta: clean-token logits given token ids (SNR endpoints) or noisy states z.
 
-    - `forward(input_ids=...)`: the discrete endpoint path. A token id is a clean token (SNR = infinity), the
-      `[MASK]` id is SNR 0; it is an exact lookup in the converter's value table, with no |V|-wide softmax. On
-      weights converted from MDLM it reproduces MDLM's logits with the mask class removed.
+    - `forward(input_ids=...)`: the discrete endpoint path. A token id is a clean token (SNR s_hi), the `[MASK]` id
+      is SNR 0. `config.endpoint_inputs` says what the backbone sees (see `embed_endpoints`): the table rows
+      ("table": on weights converted from MDLM it reproduces MDLM's logits with the mask class removed) or the
+      converter at the endpoints ("converter": what DSL training shows the network).
     - `forward(noisy_states=z)`: the continuous DSL path through the softmax-bias converter.
     """
 
@@ -320,6 +323,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             "max_position_embeddings": mdlm_config.get("model_length", 1024),
             "dropout": mdlm_config.get("dropout", 0.1),
             "time_conditioning": bool(mdlm_config.get("time_conditioning", False)),
+            "endpoint_inputs": "table",  # MDLM was trained on its table rows: keep its exact logits
         }
         if input_rows == 50258:  # the GPT-2 vocabulary: <|endoftext|> is BOS, EOS and padding
             sizes.update(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
@@ -402,9 +406,41 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         slot_probs = (scores.float() + self.converter_bias.float()).softmax(dim=-1)
         return slot_probs.to(table.dtype) @ table
 
+    def _endpoint_snr(self, endpoint_snr) -> float:
+        if endpoint_snr is None:
+            return float(self.config.snr_max)
+        if isinstance(endpoint_snr, bool) or not isinstance(endpoint_snr, (int, float)) or not (
+            math.isfinite(endpoint_snr) and endpoint_snr > 0
+        ):
+            raise ValueError(f"endpoint_snr={endpoint_snr!r} must be a finite number > 0 (or None = config.snr_max).")
+        return float(endpoint_snr)
+
+    def embed_endpoints(self, input_ids: torch.LongTensor, endpoint_snr: float | None = None) -> torch.Tensor:
+        """The backbone input for discrete states, `[batch, length, hidden]`, as `config.endpoint_inputs` says.
+
+        - "table": W[x] at a token, W[V] at `[MASK]` (MDLM's lookup).
+        - "converter": the converter at the SNR endpoints, as DSL training shows them: `[MASK]` is z = 0, i.e.
+          softmax(b) W (not the row W[V], which it equals only while the mask slot keeps all the weight), and a token
+          x is z = s_hi e_x. Computed once per distinct id in the batch, not once per position.
+        - "converter_at_mask": the converter at `[MASK]`, and W[x] (the s_hi -> infinity limit) at tokens.
+        """
+        mode = self.config.endpoint_inputs
+        if mode == "table":
+            return self.backbone.vocab_embed(input_ids)
+        is_mask = input_ids == self.config.mask_token_id
+        directions = self.token_directions()
+        if mode == "converter_at_mask":
+            mask_input = self.convert_noisy_states(directions.new_zeros(1, directions.shape[-1]))[0]
+            return torch.where(is_mask[..., None], mask_input, self.backbone.vocab_embed(input_ids))
+        ids, inverse = torch.unique(input_ids, return_inverse=True)
+        is_token = ids != self.config.mask_token_id
+        scale = is_token.to(directions.dtype) * self._endpoint_snr(endpoint_snr)  # [MASK] -> z = 0
+        states = directions[ids.masked_fill(~is_token, 0)] * scale[:, None]
+        return self.convert_noisy_states(states)[inverse]
+
     # --- the denoiser ------------------------------------------------------------------------------------------
 
-    def _conditioning(self, noisy_states, input_ids, timesteps, dtype, device):
+    def _conditioning(self, noisy_states, input_ids, timesteps, endpoint_snr, dtype, device):
         """adaLN input c, shaped `[1 or batch, 1 or length, cond_dim]` to broadcast over tokens."""
         config = self.config
         if config.time_conditioning:
@@ -414,8 +450,8 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         elif config.snr_conditioning == "norm":
             if noisy_states is not None:
                 values = noisy_states.float().norm(dim=-1)
-            else:  # the discrete endpoints: a clean token stands at s_max, [MASK] at 0
-                values = (input_ids != config.mask_token_id).float() * config.snr_max
+            else:  # the discrete endpoints: a clean token stands at s_hi, [MASK] at 0
+                values = (input_ids != config.mask_token_id).float() * self._endpoint_snr(endpoint_snr)
         else:
             # The released MDLM has no time conditioning: sigma is replaced by 0, so c is one constant vector.
             values = torch.zeros(1, 1, device=device)
@@ -427,6 +463,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         noisy_states: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        endpoint_snr: float | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -437,6 +474,8 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             noisy_states: `[batch, length, embed_dim]` noisy states z: the continuous DSL path.
             attention_mask: `[batch, length]`, 1 for real tokens and 0 for padding (padding is never attended to).
             timesteps: MDLM's sigma, only for `time_conditioning=True` models.
+            endpoint_snr: the SNR s_hi at which a decoded token of `input_ids` is shown through the converter
+                (`endpoint_inputs="converter"`; default `config.snr_max`).
         """
         if (input_ids is None) == (noisy_states is None):
             raise ValueError("pass exactly one of `input_ids` (discrete endpoints) or `noisy_states` (continuous z).")
@@ -453,7 +492,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
                     f"input_ids must lie in [0, {self.config.mask_token_id}] ({self.config.vocab_size} tokens and "
                     f"[MASK]={self.config.mask_token_id}); got range [{int(input_ids.min())}, {int(input_ids.max())}]."
                 )
-            hidden = self.backbone.vocab_embed(input_ids)
+            hidden = self.embed_endpoints(input_ids, endpoint_snr)
             batch_size, length = input_ids.shape
         else:
             if noisy_states.dim() != 3 or noisy_states.shape[-1] != self.config.embed_dim:
@@ -470,7 +509,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             if not bool(attention_mask.bool().all()):
                 key_mask = attention_mask.bool()[:, None, None, :]
 
-        conditioning = self._conditioning(noisy_states, input_ids, timesteps, hidden.dtype, hidden.device)
+        conditioning = self._conditioning(noisy_states, input_ids, timesteps, endpoint_snr, hidden.dtype, hidden.device)
         rotary = self.backbone.rotary_emb(length, hidden.device)
         all_hidden_states = () if output_hidden_states else None
         for block in self.backbone.blocks:

@@ -50,7 +50,6 @@ class SamplerArguments:
     top_p: float | None = field(default=None, metadata={"help": "Nucleus mass in (0, 1]."})
     temperature: float | None = field(default=None, metadata={"help": "Softmax temperature > 0."})
     use_cache: bool | None = field(default=None, metadata={"help": "Reuse the network output when no token changed."})
-    discrete_input: str | None = field(default=None, metadata={"help": "input_ids or noisy_states (z = s_hi e_x)."})
     s_hi: float | None = field(default=None, metadata={"help": "SNR of a clean token (default: the model's snr_max)."})
     t_min: float | None = field(default=None, metadata={"help": "Last time of the discrete grid (1e-5)."})
     strategy: str | None = field(default=None, metadata={"help": "ReMDM: cap, rescale, conf or loop."})

@@ -10,7 +10,9 @@ a `step(state, model_output)` that advances the state by one step given the netw
 
 The denoiser contract (the DSL model, MDLM-style models and the test toys all follow it):
 - `model(input_ids=[B, L], attention_mask=...)` -> `.logits [B, L, V]`: the discrete endpoint path (a token is
-  clean, `[MASK]` = `model.config.mask_token_id` is SNR 0);
+  clean, `[MASK]` = `model.config.mask_token_id` is SNR 0). The model shows these endpoints to its network as it
+  was trained to see them (the DSL model's `config.endpoint_inputs`); a sampler's `s_hi` reaches it as
+  `endpoint_snr=`;
 - `model(noisy_states=[B, L, d], attention_mask=...)` -> `.logits`: the continuous DSL path;
 - `model.posterior_mean(logits)` -> `[B, L, d]` and `model.token_directions()` -> unit-norm `[V, d]`;
 - `model.config.mask_token_id`, `model.config.snr_max`, `model.config.max_position_embeddings`.
@@ -40,7 +42,6 @@ from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
 
-DISCRETE_INPUTS = ("input_ids", "noisy_states")
 REMDM_STRATEGIES = ("cap", "rescale", "conf", "loop")
 SNR_SCHEDULES = ("log-linear", "log-normal", "linear")
 COMMIT_RULES = ("threshold", "top_fraction")
@@ -216,8 +217,10 @@ class Denoiser:
     because the network has no time input). Under `synced_gpus` a call is skipped only if every rank can skip it,
     so every rank makes the same number of forward passes (ZeRO-3 gathers parameters collectively).
 
-    `discrete_input` chooses how a token state is shown to the network: "input_ids" (a token is clean, `[MASK]` is
-    SNR 0) or "noisy_states" (z_i = s_hi e_{x_i}, z = 0 at `[MASK]`).
+    A token state always reaches the network as `input_ids`: the model knows whether its weights were trained on
+    the converter at the SNR endpoints (DSL) or on table rows (MDLM) and shows the state accordingly. `endpoint_snr`
+    (the sampler's `s_hi`, None = the model's default) is passed along; `s_hi` is the SNR at which
+    `tokens_to_states` places fixed tokens on the continuous path.
     """
 
     def __init__(
@@ -227,14 +230,14 @@ class Denoiser:
         *,
         use_cache: bool = False,
         synced_gpus: bool = False,
-        discrete_input: str = "input_ids",
         s_hi: float | None = None,
+        endpoint_snr: float | None = None,
     ):
         self.model = model
         self.attention_mask = attention_mask
         self.use_cache = use_cache
         self.synced_gpus = synced_gpus
-        self.discrete_input = discrete_input
+        self.endpoint_snr = endpoint_snr
         self.mask_token_id = model.config.mask_token_id
         self.s_hi = s_hi
         self.nfe = 0
@@ -270,10 +273,8 @@ class Denoiser:
             reuse = all_ranks_agree(reuse, tokens.device)
         if reuse:
             return self._cached_logits
-        if self.discrete_input == "input_ids":
-            logits = self._forward(input_ids=tokens)
-        else:
-            logits = self._forward(noisy_states=self.tokens_to_states(tokens))
+        endpoint_kwargs = {} if self.endpoint_snr is None else {"endpoint_snr": self.endpoint_snr}
+        logits = self._forward(input_ids=tokens, **endpoint_kwargs)
         if self.use_cache:
             self._cached_tokens, self._cached_logits = tokens.clone(), logits
         return logits
@@ -398,20 +399,17 @@ class SamplingConfig:
     Args:
         top_p: nucleus mass in (0, 1]; 1 disables it (published OWT setting: 0.9).
         temperature: > 0, divides the logits before the softmax.
-        discrete_input: how a token state reaches the network: "input_ids" (clean tokens / `[MASK]`) or
-            "noisy_states" (z = s_hi e_x, 0 at `[MASK]`).
-        s_hi: SNR of a decoded token for `discrete_input="noisy_states"` (None = `model.config.snr_max`).
+        s_hi: the SNR at which the model shows a decoded token (`endpoint_snr`; None = the model's default,
+            `model.config.snr_max`). It matters for models whose `config.endpoint_inputs` is "converter".
     """
 
     top_p: float = 1.0
     temperature: float = 1.0
-    discrete_input: str = "input_ids"
     s_hi: float | None = None
 
     def __post_init__(self):
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_range("temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
-        _check_choice("discrete_input", self.discrete_input, DISCRETE_INPUTS)
         if self.s_hi is not None:
             _check_range("s_hi", self.s_hi, 0.0, math.inf, low_open=True, high_open=True)
 
@@ -593,7 +591,6 @@ class HybridConfig(SamplingConfig):
             use_cache=self.use_cache,
             top_p=self.top_p,
             temperature=self.temperature,
-            discrete_input=self.discrete_input,
             s_hi=self.s_hi,
         )
         if self.discrete_strategy == "mdlm":
@@ -809,8 +806,7 @@ class MDLMSampler(DiffusionSampler):
             inputs.attention_mask,
             use_cache=self.config.use_cache and not getattr(model.config, "time_conditioning", False),
             synced_gpus=synced_gpus,
-            discrete_input=self.config.discrete_input,
-            s_hi=self._s_hi(model) if self.config.discrete_input == "noisy_states" else None,
+            endpoint_snr=self.config.s_hi,
         )
 
     def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
@@ -899,7 +895,7 @@ class ROARState:
 
 class ROARSampler(DiffusionSampler):
     """Random-order autoregression: visit the positions to generate in a random permutation; at each, draw x_j from
-    p_theta(. | current state) and fix it (a clean token, or z_j = s_hi e_{x_j} with `discrete_input="noisy_states"`).
+    p_theta(. | current state) and fix it (a decoded token, shown to a DSL model as z_j = s_hi e_{x_j}).
     One network call per position."""
 
     name = "roar"
@@ -934,8 +930,7 @@ class ROARSampler(DiffusionSampler):
             model,
             inputs.attention_mask,
             synced_gpus=synced_gpus,
-            discrete_input=self.config.discrete_input,
-            s_hi=self._s_hi(model) if self.config.discrete_input == "noisy_states" else None,
+            endpoint_snr=self.config.s_hi,
         )
         state = self.init_state(inputs, noise, model.config.mask_token_id)
         num_steps = int(state.num_positions.max()) if state.num_positions.numel() else 0
@@ -1126,8 +1121,8 @@ class HybridSampler(DiffusionSampler):
             inputs.attention_mask,
             use_cache=config.use_cache and not getattr(model.config, "time_conditioning", False),
             synced_gpus=synced_gpus,
-            discrete_input=config.discrete_input,
             s_hi=s_hi,
+            endpoint_snr=config.s_hi,
         )
         with self._progress(config.num_steps, progress_bar) as progress:
             grid = sde.build_grid(model, device=inputs.tokens.device)

@@ -84,6 +84,7 @@ def test_from_mdlm_reproduces_mdlm_logits(tmp_path, mdlm_sd):
     config = model.config
     assert config.cond_dim == COND, "cond_dim must come from the weights, not the config's 129"
     assert (config.vocab_size, config.mask_token_id, config.num_attention_heads) == (40, 40, HEADS)
+    assert config.endpoint_inputs == "table", "MDLM weights were trained on the table rows"
 
     ids = torch.randint(0, MDLM_VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
     ids[0, :5] = config.mask_token_id
@@ -141,6 +142,80 @@ def test_continuous_path_approaches_the_discrete_endpoints(mdlm_sd):
         z = model.noisy_states(ids, model.config.snr_max, generator=torch.Generator().manual_seed(0))
         at_snr_max = model(noisy_states=z).logits.log_softmax(-1)
         assert (at_snr_max - clean).abs().max() < 1e-3
+
+
+def backbone_inputs(model, **model_inputs) -> torch.Tensor:
+    """What the first block receives: the backbone input h, `[batch, length, hidden]`."""
+    captured = []
+    handle = model.backbone.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(**model_inputs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("endpoint_snr", [None, 30.0])
+def test_converter_endpoints_are_what_dsl_training_shows(endpoint_snr):
+    """endpoint_inputs="converter": [MASK] is the converter at z = 0 and a token the converter at z = s_hi e_x."""
+    model = randomized_model(tiny_config(endpoint_inputs="converter"))
+    with torch.no_grad():  # as after DSL training: the mask slot no longer keeps ~all the weight at z = 0
+        model.converter_bias[model.config.mask_token_id] = 1.5
+        model.converter_beta.fill_(0.7)
+    mask = model.config.mask_token_id
+    ids = torch.randint(0, 40, (3, 20), generator=torch.Generator().manual_seed(0))
+    ids[:, ::3] = mask
+    extra = {} if endpoint_snr is None else {"endpoint_snr": endpoint_snr}
+    hidden = backbone_inputs(model, input_ids=ids, **extra)
+    s_hi = endpoint_snr or model.config.snr_max
+    is_mask = ids == mask
+    token_states = s_hi * model.token_directions()[ids.masked_fill(is_mask, 0)]
+    with torch.no_grad():
+        at_zero = model.convert_noisy_states(torch.zeros(1, 1, model.config.embed_dim))[0, 0]
+        at_s_hi = model.convert_noisy_states(token_states)
+    torch.testing.assert_close(hidden[is_mask], at_zero.expand(int(is_mask.sum()), -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(hidden[~is_mask], at_s_hi[~is_mask], atol=1e-6, rtol=0)
+    # ... which is far from the raw table rows that the "table" path feeds.
+    table = model.backbone.vocab_embed.embedding
+    assert (hidden[is_mask] - table[mask]).abs().max() > 1e-2
+    # The same logits as the continuous path at the same (noise-free) states.
+    states = token_states.masked_fill(is_mask[..., None], 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, **extra).logits, model(noisy_states=states).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_table_and_converter_at_mask_endpoints():
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[:, 5:9] = 40
+    is_mask = ids == 40
+    table_model = randomized_model(tiny_config(endpoint_inputs="table"))
+    table = table_model.backbone.vocab_embed.embedding
+    torch.testing.assert_close(backbone_inputs(table_model, input_ids=ids), table[ids], atol=0, rtol=0)
+
+    model = randomized_model(tiny_config(endpoint_inputs="converter_at_mask"))
+    with torch.no_grad():
+        model.converter_bias[40] = 0.5
+        at_zero = model.convert_noisy_states(torch.zeros(1, 1, model.config.embed_dim))[0, 0]
+    hidden = backbone_inputs(model, input_ids=ids)
+    torch.testing.assert_close(hidden[~is_mask], model.backbone.vocab_embed.embedding[ids][~is_mask], atol=0, rtol=0)
+    torch.testing.assert_close(hidden[is_mask], at_zero.expand(int(is_mask.sum()), -1), atol=1e-6, rtol=0)
+
+
+def test_endpoint_inputs_are_validated_and_saved(tmp_path):
+    with pytest.raises(ValueError, match=r"endpoint_inputs='noisy' is not supported; accepted: \('table', 'converter'"):
+        tiny_config(endpoint_inputs="noisy")
+    model = randomized_model(tiny_config(endpoint_inputs="converter"))
+    with pytest.raises(ValueError, match=r"endpoint_snr=-1.0 must be a finite number > 0"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long), endpoint_snr=-1.0)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = DSLForMaskedDiffusion.from_pretrained(tmp_path / "m").eval()
+    assert reloaded.config.endpoint_inputs == "converter"
+    ids = torch.tensor([[1, 40, 3, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
 def test_noisy_states_statistics():

@@ -174,9 +174,14 @@ def sample(sampler, model, seed=0, **kwargs):
     return sampler.run(model, generator=torch.Generator().manual_seed(seed), progress_bar=False, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def tiny_dsl():
-    return tiny_dsl_model()
+@pytest.fixture(scope="module", params=["table", "converter"])
+def tiny_dsl(request):
+    """The tiny DSL model with each discrete input path (the converter one with a mask slot that no longer keeps all
+    the weight at z = 0, as after DSL training, so that the two paths really differ)."""
+    model = tiny_dsl_model(endpoint_inputs=request.param)
+    with torch.no_grad():
+        model.converter_bias[model.config.mask_token_id] = 2.0
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,7 +514,7 @@ ALL_SAMPLERS = {
     "remdm-rescale": lambda: ReMDMSampler(strategy="rescale", eta=1.0, num_steps=8),  # remasks the most
     "remdm-conf": lambda: ReMDMSampler(strategy="conf", num_steps=8),
     "remdm-loop": lambda: ReMDMSampler(strategy="loop", eta=0.1, num_steps=24),
-    "remdm-noisy-states": lambda: ReMDMSampler(strategy="cap", num_steps=8, discrete_input="noisy_states"),
+    "remdm-s_hi": lambda: ReMDMSampler(strategy="cap", num_steps=8, s_hi=30.0),
     "dsl-sde": lambda: DSLSDESampler(num_steps=8),
     "hybrid": lambda: HybridSampler(num_steps=8, commit_rule="top_fraction"),
     "roar": lambda: ROARSampler(),
@@ -607,7 +612,6 @@ INVALID = [
     (SamplingConfig, {"top_p": 0.0}, ValueError, r"top_p=0.0 is outside the accepted range \(0.0, 1.0\]"),
     (SamplingConfig, {"top_p": 1.5}, ValueError, r"top_p=1.5"),
     (SamplingConfig, {"temperature": 0}, ValueError, r"temperature=0 is outside"),
-    (SamplingConfig, {"discrete_input": "embeddings"}, ValueError, r"discrete_input='embeddings' .* 'input_ids'"),
     (SamplingConfig, {"s_hi": -1.0}, ValueError, r"s_hi=-1.0"),
     (ReMDMConfig, {"strategy": "max"}, ValueError, r"strategy='max' is not supported; accepted: 'cap', 'rescale'"),
     (ReMDMConfig, {"eta": 1.5}, ValueError, r"eta=1.5 is outside the accepted range \[0.0, 1.0\]"),

@@ -16,7 +16,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
-from dsl_diffusion.trainer.corruption import ConstantPath
+from dsl_diffusion.pipelines.samplers import get_sampler
+from dsl_diffusion.trainer.losses import roar_nll
+from dsl_diffusion.trainer.corruption import ConstantPath, ROARPath
 from dsl_diffusion.trainer.data import DiffusionDataCollator
 from dsl_diffusion.trainer.finetune import run as finetune_run
 from dsl_diffusion.trainer.trainer import (
@@ -205,6 +207,84 @@ def test_dsl_parameter_group_learning_rate_and_direction_drift(tmp_path):
     assert slow["token_directions_cosine_to_init"] > 0.9999
     assert fast["token_directions_cosine_to_init"] < 0.999
     assert "converter_beta" in fast and {"continuous_ce", "ce"} <= set(fast)
+
+
+@pytest.fixture(scope="module")
+def dsl_trained_model(tmp_path_factory):
+    """A tiny model after a few DSL steps at a large DSL learning rate: the mask slot's weight at z = 0 has moved."""
+    trainer = make_trainer(
+        tmp_path_factory.mktemp("dsl"), train_rows=token_dataset(32), max_steps=6, learning_rate=1e-3,
+        dsl_learning_rate=0.5, lr_scheduler_type="constant",
+    )
+    trainer.train()
+    return trainer.model.eval()
+
+
+DISCRETE_SAMPLERS = {
+    "mdlm": dict(num_steps=4),
+    "remdm-cap": dict(num_steps=4),
+    "remdm-loop": dict(num_steps=8),
+    "roar": {},
+    "hybrid": dict(num_steps=4, commit_rule="top_fraction", commit_fraction=0.0),  # commits nothing: all masked
+}
+
+
+@pytest.mark.parametrize("sampler_name", DISCRETE_SAMPLERS)
+def test_discrete_samplers_show_a_dsl_model_what_training_showed(dsl_trained_model, sampler_name):
+    """Train/inference consistency: after DSL training, the first discrete step of every sampler feeds the network
+    the converter at z = 0 at `[MASK]` and the converter at z = s_hi e_x at a decoded (prompt) token."""
+    model = dsl_trained_model
+    config = model.config
+    assert config.endpoint_inputs == "converter"
+    with torch.no_grad():
+        mask_weight_at_zero = float(model.converter_bias.softmax(-1)[config.mask_token_id])
+        at_zero = model.convert_noisy_states(torch.zeros(1, 1, config.embed_dim))[0, 0]
+    assert mask_weight_at_zero < 0.9, "the DSL steps should have moved the mask slot (initially 0.99)"
+    assert (at_zero - model.backbone.vocab_embed.embedding[config.mask_token_id]).abs().max() > 1e-3
+
+    calls = []  # (path, backbone input) of every forward pass, in order
+    record_path = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(["input_ids" if kwargs.get("input_ids") is not None else "states"]),
+        with_kwargs=True,
+    )
+    record_input = model.backbone.blocks[0].register_forward_pre_hook(lambda module, args: calls[-1].append(args[0]))
+    prompt = torch.tensor([[3, 7, 11, 2]])
+    input_ids = torch.cat([prompt, torch.full((1, 12), config.mask_token_id)], dim=1).repeat(2, 1)
+    try:
+        get_sampler(sampler_name, **DISCRETE_SAMPLERS[sampler_name]).run(
+            model, input_ids, generator=torch.Generator().manual_seed(0), progress_bar=False
+        )
+    finally:
+        record_path.remove()
+        record_input.remove()
+    hidden = next(h for path, h in calls if path == "input_ids")  # the first discrete step
+    with torch.no_grad():
+        prompt_states = config.snr_max * model.token_directions()[prompt[0]]
+        at_s_hi = model.convert_noisy_states(prompt_states)
+    masked = input_ids[0] == config.mask_token_id
+    torch.testing.assert_close(hidden[:, masked], at_zero.expand(2, int(masked.sum()), -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(hidden[:, : prompt.shape[1]], at_s_hi.expand(2, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_roar_nll_through_input_ids_equals_the_converter_endpoints(dsl_trained_model):
+    """The likelihood estimates read a DSL model through the same endpoints as its training and samplers: the ROAR
+    NLL through `input_ids` equals the same draw shown as noise-free states z = s_max e_x (visible), 0 (masked)."""
+    model = dsl_trained_model
+    ids = torch.randint(0, VOCAB, (3, LENGTH), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        by_ids = roar_nll(model, ids, None, snr_hi=None, generator=torch.Generator().manual_seed(1))
+        visible = ROARPath.visible_mask(3, LENGTH, generator=torch.Generator().manual_seed(1))
+        states = model.config.snr_max * model.token_directions()[ids] * visible[..., None]
+        cross_entropy = F.cross_entropy(model(noisy_states=states).logits.transpose(1, 2), ids, reduction="none")
+    masked = ~visible
+    expected = (cross_entropy * masked).sum(1) / masked.sum(1)  # per row; rows have equal lengths
+    torch.testing.assert_close(by_ids.loss, expected.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_mdlm_objective_keeps_the_table_path(tmp_path):
+    trainer = make_trainer(tmp_path, train_rows=token_dataset(8), max_steps=1, objective="mdlm")
+    trainer.train()
+    assert trainer.model.config.endpoint_inputs == "table"
 
 
 # --------------------------------------------------------------------------------------------------------------

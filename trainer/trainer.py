@@ -430,6 +430,11 @@ class DSLTrainer(Trainer):
         # Our compute_loss does the normalization; never let the Trainer pass num_items_in_batch to forward.
         self.model_accepts_loss_kwargs = False
         denoiser = unwrap_denoiser(self.model)
+        if args.objective == "dsl" and denoiser.config.endpoint_inputs == "table":
+            # DSL training shows the network the converter's output at every SNR, the endpoints included (a ROAR row's
+            # [MASK] is z = 0). The discrete path must show the trained weights the same inputs at sampling time.
+            logger.info("DSL objective: endpoint_inputs 'table' -> 'converter' (what the discrete path feeds the network).")
+            denoiser.config.endpoint_inputs = "converter"
         self.snr_path = snr_path if snr_path is not None else args.build_snr_path(float(denoiser.config.snr_max))
         if args.ema_decay > 0 and self.ema_callback is None:
             self.add_callback(EMACallback(args.ema_decay, warmup=args.ema_warmup))
