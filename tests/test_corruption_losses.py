@@ -26,7 +26,7 @@ from dsl_diffusion.trainer.corruption import (
     mdlm_mask_tokens,
     sample_mdlm_times,
 )
-from dsl_diffusion.trainer.losses import diffusion_nll_bound, dsl_loss, mdlm_loss, roar_nll
+from dsl_diffusion.trainer.losses import diffusion_nll_bound, dsl_loss, mdlm_loss, roar_nll, token_loss_mask
 from helpers import tiny_dsl_config as tiny_config
 from helpers import tiny_dsl_model
 
@@ -174,6 +174,24 @@ def test_mixture_fraction_of_roar_rows():
     assert abs(hits / 4000 - 0.25) < 0.025
 
 
+def test_reference_mixed_path_is_floor_quarter_roar_rows_and_lognormal_4_1_5():
+    """The reference code's `mixed` path: B // 4 ROAR rows (none below 4 rows), the rest per-sequence
+    log-normal with mu 4.0, sigma 1.5 (checked with a KS test of log SNR over many rows)."""
+    path = build_snr_path("reference_mixed", rho=0.9, lognormal_mu=0.0)  # rho and mu do not apply to this name
+    generator = torch.Generator().manual_seed(0)
+    for batch, expected in ((8, 2), (10, 2), (3, 0), (1, 0)):
+        for _ in range(5):
+            assert int(path.sample_with_rows(batch, 4, generator=generator).roar_rows.sum()) == expected
+    draws = [path.sample_with_rows(8, 4, generator=generator) for _ in range(500)]
+    log_snr = torch.cat([d.snr[~d.roar_rows, 0] for d in draws]).double().log()
+    assert all(torch.equal(d.snr[~d.roar_rows], d.snr[~d.roar_rows][:, :1].expand(-1, 4)) for d in draws[:20])
+    assert stats.kstest(log_snr.numpy(), "norm", args=(4.0, 1.5)).pvalue > 1e-3
+    # The stochastic rounding of "mixture" differs exactly here: 1 row still sees ROAR with probability rho.
+    assert MixturePath(rho=0.25, row_count="stochastic").num_roar_rows(1, generator=torch.Generator().manual_seed(1)) in (0, 1)
+    with pytest.raises(ValueError, match=r"row_count='round' is not supported; accepted: \('stochastic', 'floor'\)"):
+        MixturePath(row_count="round")
+
+
 def test_build_snr_path_and_validation():
     assert isinstance(build_snr_path("mixture", rho=0.5), MixturePath)
     assert build_snr_path("roar_smoothed").smoothed
@@ -284,9 +302,108 @@ def test_dsl_loss_components_split_endpoint_and_continuous_rows(tiny_model):
     assert {"ce", "continuous_ce", "endpoint_ce", "endpoint_masked_ce", "roar_nll"} <= set(out.components)
     # Half of the rows of each part: the overall CE is the average of the two parts.
     assert math.isclose(out.components["ce"], (out.components["continuous_ce"] + out.components["endpoint_ce"]) / 2, rel_tol=1e-5)
-    assert math.isclose(out.loss.item(), out.components["ce"] + 0.5 * out.components["roar_nll"], rel_tol=1e-5)
+    # The default ROAR term is the reference code's convex combination (1 - lambda) CE + lambda ROAR.
+    assert math.isclose(out.loss.item(), 0.5 * out.components["ce"] + 0.5 * out.components["roar_nll"], rel_tol=1e-5)
     only_roar = dsl_loss(tiny_model, ids, None, build_snr_path("mixture", rho=1.0), generator=torch.Generator())
     assert "continuous_ce" not in only_roar.components and "endpoint_ce" in only_roar.components
+
+
+@pytest.mark.parametrize("roar_term, ce_weight", [("convex", 0.75), ("added", 1.0)])
+def test_roar_term_is_a_convex_combination_or_an_added_term(tiny_model, roar_term, ce_weight):
+    """lambda = 0.25 on a deterministic objective (SNR 0 everywhere, so CE and ROAR use no noise draws): the loss is
+    (1 - lambda) CE + lambda ROAR ("convex") or CE + lambda ROAR ("added"), with both parts computed independently."""
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = dsl_loss(
+        tiny_model, ids, None, ConstantPath(0.0), roar_lambda=0.25, roar_term=roar_term,
+        generator=torch.Generator().manual_seed(3),
+    )
+    ce = dsl_loss(tiny_model, ids, None, ConstantPath(0.0), generator=torch.Generator().manual_seed(3))
+    # The ROAR draw comes after the CE part's noise draw (zeros at SNR 0): replay the generator to the same state.
+    generator = torch.Generator().manual_seed(3)
+    tiny_model.noisy_states(ids, 0.0, generator=generator)
+    roar = roar_nll(tiny_model, ids, None, snr_hi=100.0, generator=generator)
+    torch.testing.assert_close(out.loss, ce_weight * ce.loss + 0.25 * roar.loss)
+    assert out.components["roar_nll"] == pytest.approx(roar.loss.item())
+    assert out.nll_sum == pytest.approx(ce.nll_sum.item()), "nll_sum stays the cross-entropy part"
+
+
+def test_roar_term_validation(tiny_model):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"roar_lambda=1.5 must lie in \[0, 1\] with roar_term='convex'"):
+        dsl_loss(tiny_model, ids, None, ConstantPath(0.0), roar_lambda=1.5)
+    with pytest.raises(ValueError, match=r"roar_term='sum' is not supported; accepted: \('convex', 'added'\)"):
+        dsl_loss(tiny_model, ids, None, ConstantPath(0.0), roar_term="sum")
+    assert torch.isfinite(dsl_loss(tiny_model, ids, None, ConstantPath(0.0), roar_lambda=1.5, roar_term="added").loss)
+
+
+def test_loss_mask_drops_tokens_from_every_loss_but_not_from_the_input(tiny_model):
+    """EOS (id 5 here) is dropped from the loss: the loss is the mean CE over the other real tokens, computed from
+    logits of a forward pass that still saw the EOS tokens (attention is untouched)."""
+    with torch.no_grad():  # adaLN-zero makes every block the identity at init: give attention a visible effect
+        for name, param in tiny_model.named_parameters():
+            if "adaLN_modulation" in name:
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    eos = 5
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = eos
+    ids[:, 7] = eos
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 12:] = 0
+    loss_mask = token_loss_mask(ids, [eos])
+    counted = attention_mask.bool() & (ids != eos)
+    assert torch.equal(loss_mask, ids != eos) and token_loss_mask(ids, []) is None
+
+    snr = 30.0 * attention_mask.float()
+    out = dsl_loss(tiny_model, ids, attention_mask, ConstantPath(30.0), generator=torch.Generator().manual_seed(1),
+                   loss_mask=loss_mask)
+    with torch.no_grad():
+        states = tiny_model.noisy_states(ids, snr, generator=torch.Generator().manual_seed(1))
+        logits = tiny_model(noisy_states=states, attention_mask=attention_mask).logits
+        without_eos_in_attention = tiny_model(noisy_states=states, attention_mask=attention_mask * (ids != eos)).logits
+    per_token = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+    assert out.num_tokens == counted.sum()
+    torch.testing.assert_close(out.loss, per_token[counted].mean())
+    # The check can tell: hiding EOS from attention would give another loss, far outside assert_close's tolerance.
+    hidden = F.cross_entropy(without_eos_in_attention.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+    assert abs(hidden[counted].mean() - out.loss) > 1e-4
+
+    nelbo = mdlm_loss(tiny_model, ids, attention_mask, t=torch.ones(4), generator=torch.Generator().manual_seed(2),
+                      loss_mask=loss_mask)
+    assert nelbo.num_tokens == counted.sum()
+    with torch.no_grad():  # t = 1 (1 - alpha = 0.999): mask almost everything; recompute with the same masks
+        noisy, masked = mdlm_mask_tokens(ids, torch.ones(4), VOCAB, attention_mask=attention_mask.bool(),
+                                         generator=torch.Generator().manual_seed(2))
+        mdlm_logits = tiny_model(input_ids=noisy, attention_mask=attention_mask).logits
+    mdlm_ce = F.cross_entropy(mdlm_logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+    torch.testing.assert_close(nelbo.nll_sum, (mdlm_ce * (masked & counted)).sum())
+
+    roar = roar_nll(tiny_model, ids, attention_mask, generator=torch.Generator().manual_seed(3), loss_mask=loss_mask)
+    assert roar.num_tokens == counted.sum()
+    with pytest.raises(ValueError, match=r"loss_mask shape \[4, 15\] does not match input_ids \[4, 16\]"):
+        dsl_loss(tiny_model, ids, None, ConstantPath(0.0), loss_mask=loss_mask[:, :15])
+
+
+def test_roar_nll_with_a_loss_mask_averages_the_counted_masked_tokens():
+    """VisibleCountDenoiser with the last 2 of 6 tokens excluded (as the reference code excludes pad = EOS): the order
+    and k ~ U{0..5} run over ALL real tokens, the CE over the counted masked ones only (a row whose counted tokens
+    are all visible contributes 0)."""
+    torch.manual_seed(0)
+    model = VisibleCountDenoiser(tiny_config())
+    length, batch = 6, 4000
+    ids = torch.randint(0, VOCAB - 1, (batch, length))
+    ids[:, 4:] = VOCAB - 1  # the excluded token
+    model.clean_ids = ids
+    out = roar_nll(model, ids, torch.ones_like(ids), generator=torch.Generator().manual_seed(1),
+                   loss_mask=token_loss_mask(ids, [VOCAB - 1]))
+    # Given k visible of 6, a counted masked token has CE log(1 + (V - 1) e^{-k}) (there is at least one with k <= 3;
+    # with k = 4, 5 all counted tokens may be visible and the row contributes 0).
+    expected_per_token = 0.0
+    for k in range(length):
+        # P(at least one counted token masked) * CE: the row mean over counted masked tokens is exact CE(k).
+        p_some_masked = 1.0 - math.comb(length - 4, k - 4) / math.comb(length, k) if k >= 4 else 1.0
+        expected_per_token += p_some_masked * math.log(1 + (VOCAB - 1) * math.exp(-k)) / length
+    assert out.num_tokens == batch * 4
+    assert abs(out.loss.item() / expected_per_token - 1) < 0.03
 
 
 def test_gradients_reach_directions_converter_and_backbone():

@@ -111,6 +111,11 @@ def make_trainer(tmp_path, model=None, train_rows=None, eval_rows=None, snr_path
         ({"ema_decay": 1.0}, r"ema_decay=1.0 must lie in \[0, 1\)"),
         ({"lognormal_sigma": 0.0}, r"lognormal_sigma=0.0 must be > 0"),
         ({"dsl_learning_rate": -1e-3}, r"dsl_learning_rate=-0.001 must be > 0"),
+        ({"recipe": "mdlm"}, r"recipe='mdlm' is not supported; accepted: \('reference',\)"),
+        ({"eos_in_loss": "mask"}, r"eos_in_loss='mask' is not supported; accepted: \('count', 'drop'\)"),
+        ({"roar_term": "sum"}, r"roar_term='sum' is not supported; accepted: \('convex', 'added'\)"),
+        ({"roar_lambda": 1.5}, r"roar_lambda=1.5 must lie in \[0, 1\] with roar_term='convex'"),
+        ({"snr_path": "reference_mixed", "lognormal_mu": 3.0}, r"snr_path='reference_mixed' fixes rho 1/4 .*lognormal_mu"),
     ],
 )
 def test_arguments_are_validated(tmp_path, overrides, message):
@@ -185,28 +190,114 @@ def test_mdlm_objective_learns_a_repeated_sequence(tmp_path):
 
 
 def test_dsl_parameter_group_learning_rate_and_direction_drift(tmp_path):
-    def run(dsl_learning_rate, directory):
+    def run(directory, dsl_learning_rate, **overrides):
         trainer = make_trainer(
             directory, train_rows=token_dataset(16), max_steps=3, learning_rate=1e-4, weight_decay=0.1,
-            dsl_learning_rate=dsl_learning_rate, dsl_weight_decay=0.0, lr_scheduler_type="constant",
+            dsl_learning_rate=dsl_learning_rate, dsl_weight_decay=0.0, lr_scheduler_type="constant", **overrides,
         )
         trainer.train()
         return trainer
 
-    trainer = run(5e-2, tmp_path / "fast")
-    names = {id(param): name for name, param in trainer.model.named_parameters()}
-    groups = {(group["lr"], group["weight_decay"]): {names[id(p)] for p in group["params"]} for group in trainer.optimizer.param_groups}
-    dsl_group = groups[(5e-2, 0.0)]
-    assert dsl_group == {"token_directions.weight", "converter_beta", "converter_bias", "backbone.vocab_embed.embedding"}
-    assert "backbone.blocks.0.attn_qkv.weight" in groups[(1e-4, 0.1)]
+    def groups_of(trainer):
+        names = {id(param): name for name, param in trainer.model.named_parameters()}
+        return {
+            (group["lr"], group["weight_decay"]): {names[id(p)] for p in group["params"]}
+            for group in trainer.optimizer.param_groups
+        }
+
+    trainer = run(tmp_path / "fast", 5e-2)
+    groups = groups_of(trainer)
+    # Exactly E, beta and b; W (the converter's value matrix, MDLM's input table) is a backbone matrix.
+    assert groups[(5e-2, 0.0)] == {"token_directions.weight", "converter_beta", "converter_bias"}
+    assert {"backbone.vocab_embed.embedding", "backbone.blocks.0.attn_qkv.weight"} <= groups[(1e-4, 0.1)]
     assert "backbone.blocks.0.norm1.weight" in groups[(1e-4, 0.0)]
+    with_table = groups_of(run(tmp_path / "table", 5e-2, dsl_group_includes_input_table=True))
+    assert with_table[(5e-2, 0.0)] == {
+        "token_directions.weight", "converter_beta", "converter_bias", "backbone.vocab_embed.embedding"
+    }
+    assert "backbone.vocab_embed.embedding" not in with_table[(1e-4, 0.1)]
 
     fast = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
-    slow = [entry for entry in run(None, tmp_path / "slow").state.log_history if "loss" in entry][-1]
+    slow = [entry for entry in run(tmp_path / "slow", None).state.log_history if "loss" in entry][-1]
     assert fast["token_directions_cosine_to_init"] < slow["token_directions_cosine_to_init"] <= 1.0
     assert slow["token_directions_cosine_to_init"] > 0.9999
     assert fast["token_directions_cosine_to_init"] < 0.999
     assert "converter_beta" in fast and {"continuous_ce", "ce"} <= set(fast)
+    # The mask slot: its bias and its weight at z = 0, softmax(b)[mask], both read off the trained model.
+    bias = trainer.model.converter_bias.detach()
+    mask_slot = trainer.model.config.mask_token_id
+    assert fast["converter_mask_bias"] == pytest.approx(bias[mask_slot].item())
+    assert fast["converter_mask_weight_at_zero"] == pytest.approx(bias.softmax(-1)[mask_slot].item())
+    initial_bias = trainer.model.config.converter_mask_bias
+    assert abs(fast["converter_mask_bias"] - initial_bias) > 10 * abs(slow["converter_mask_bias"] - initial_bias)
+    # W's relative change ||W - W_0|| / ||W_0|| against the untrained model's table (same seed).
+    initial_table = tiny_model().backbone.vocab_embed.embedding.detach()
+    expected = (trainer.model.backbone.vocab_embed.embedding.detach() - initial_table).norm() / initial_table.norm()
+    assert 0 < fast["input_table_relative_change"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_reference_recipe_sets_its_values_and_keeps_explicit_ones(tmp_path):
+    args = make_args(tmp_path, recipe="reference")
+    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps) == (3e-4, "constant", 0)
+    assert (args.weight_decay, args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.0, 0.9, 0.999, 1e-8)
+    assert (args.max_grad_norm, args.ema_decay, args.ema_warmup) == (1.0, 0.999, False)
+    assert (args.snr_path, args.lognormal_mu, args.lognormal_sigma, args.per_token_snr) == ("lognormal", 2.69, 1.41, False)
+    assert (args.roar_lambda, args.roar_term, args.eos_in_loss) == (0.0, "convex", "drop")
+    assert args.dsl_learning_rate is None
+    saved = json.loads(args.to_json_string())
+    assert saved["recipe"] == "reference" and saved["snr_path"] == "lognormal" and saved["ema_decay"] == 0.999
+
+    # Without a recipe: the documented defaults.
+    plain = make_args(tmp_path)
+    assert (plain.snr_path, plain.roar_term, plain.eos_in_loss, plain.ema_decay, plain.ema_warmup) == (
+        "mixture", "convex", "count", 0.0, True
+    )
+    # Explicit values win over the recipe, including one equal to the plain default (eos_in_loss="count").
+    custom = make_args(
+        tmp_path, recipe="reference", learning_rate=1e-3, dsl_learning_rate=3e-3, eos_in_loss="count",
+        snr_path="mixture", ema_decay=0.0,
+    )
+    assert (custom.learning_rate, custom.dsl_learning_rate, custom.eos_in_loss) == (1e-3, 3e-3, "count")
+    assert (custom.snr_path, custom.ema_decay) == ("mixture", 0.0)
+
+    # The recipe's optimizer is one AdamW group in effect: every group at 3e-4 without weight decay, clip 1.0 and a
+    # warm-up-free EMA of 0.999.
+    trainer = make_trainer(tmp_path, train_rows=token_dataset(8), recipe="reference", max_steps=1,
+                           model=tiny_model(eos_token_id=VOCAB - 1))
+    trainer.train()
+    assert {(group["lr"], group["weight_decay"]) for group in trainer.optimizer.param_groups} == {(3e-4, 0.0)}
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)  # inside accelerate's wrapper
+    assert trainer.ema.decay == 0.999 and trainer.ema.warmup is False
+    assert trainer.loss_excluded_token_ids == (VOCAB - 1,)
+
+
+def test_eos_dropped_from_the_training_loss_and_the_step_token_count(tmp_path):
+    """eos_in_loss="drop": the objective skips EOS / BOS (a loss mask; the model still sees them) and the
+    step's token count, which normalizes accumulated micro-batches, skips them too."""
+    eos, bos = 3, 4
+    rows = token_dataset(2, lengths=[16, 9])
+    ids = torch.tensor(rows["input_ids"])
+    ids[(ids == eos) | (ids == bos)] = 10  # the only EOS / BOS tokens are the 4 placed here
+    ids[:, 0], ids[0, 15], ids[1, 8] = bos, eos, eos
+    batch = {"input_ids": ids, "attention_mask": torch.tensor(rows["attention_mask"])}
+    counted = batch["attention_mask"].bool() & (ids != eos) & (ids != bos)
+    model = tiny_model(eos_token_id=eos, bos_token_id=bos)
+    trainer = make_trainer(tmp_path, model=model, snr_path=ConstantPath(0.0), eos_in_loss="drop")
+    assert trainer.loss_excluded_token_ids == (eos, bos)
+    out = trainer.objective_loss(trainer.model, batch)
+    with torch.no_grad():
+        logits = model(noisy_states=torch.zeros(2, LENGTH, 8), attention_mask=batch["attention_mask"]).logits
+    per_token = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+    assert out.num_tokens == counted.sum() == 21
+    torch.testing.assert_close(out.loss, per_token[counted].mean())
+    assert trainer.count_loss_tokens(batch) == 21
+    _, count = trainer.get_batch_samples(iter([batch, batch]), 2, torch.device("cpu"))
+    assert count == 42
+    counting = make_trainer(tmp_path / "count", model=model, snr_path=ConstantPath(0.0))
+    assert counting.count_loss_tokens(batch) == 25 and counting.objective_loss(model, batch).num_tokens == 25
+
+    with pytest.raises(ValueError, match="eos_in_loss='drop' needs the model config to name eos_token_id"):
+        make_trainer(tmp_path / "none", model=tiny_model(), eos_in_loss="drop")
 
 
 @pytest.fixture(scope="module")

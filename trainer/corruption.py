@@ -273,21 +273,42 @@ class ConstantPath(_ContinuousPath):
 class MixturePath(SNRPath):
     """The DSL training mixture: a fraction ``rho`` of each batch from the ROAR path, the rest continuous.
 
-    The number of ROAR rows is floor(rho * B + u), u ~ U[0, 1): exactly rho * B when that is an integer, and
-    rho * B in expectation otherwise (so batch size 1 still sees ROAR rows with probability rho). Which rows
-    are ROAR is uniformly random. ``grid`` is the continuous part's grid.
+    How many rows are ROAR (``row_count``):
+
+    * ``"stochastic"`` (default): floor(rho * B + u), u ~ U[0, 1): exactly rho * B when that is an integer, and
+      rho * B in expectation otherwise (so batch size 1 still sees ROAR rows with probability rho);
+    * ``"floor"``: floor(rho * B), the reference code's ``B // 4`` (no ROAR rows at all below 1 / rho rows).
+
+    Which rows are ROAR is uniformly random (the reference takes the first rows; rows are exchangeable, so the
+    law of the batch is the same). ``grid`` is the continuous part's grid.
     """
 
-    def __init__(self, roar: ROARPath | None = None, continuous: SNRPath | None = None, rho: float = 0.25):
+    ROW_COUNTS = ("stochastic", "floor")
+
+    def __init__(
+        self,
+        roar: ROARPath | None = None,
+        continuous: SNRPath | None = None,
+        rho: float = 0.25,
+        row_count: str = "stochastic",
+    ):
         _check_fraction("rho", rho)
+        if row_count not in self.ROW_COUNTS:
+            raise ValueError(f"row_count={row_count!r} is not supported; accepted: {self.ROW_COUNTS}")
         self.roar = roar if roar is not None else ROARPath()
         self.continuous = continuous if continuous is not None else LogNormalPath()
         self.rho = float(rho)
+        self.row_count = row_count
+
+    def num_roar_rows(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> int:
+        if self.row_count == "floor":
+            return int(math.floor(self.rho * batch_size))
+        u = torch.rand((), generator=generator, device=device).item()
+        return min(batch_size, int(math.floor(self.rho * batch_size + u)))
 
     def sample_with_rows(self, batch_size, length, generator=None, device=None, lengths=None) -> SNRSample:
         _check_shape(batch_size, length)
-        u = torch.rand((), generator=generator, device=device).item()
-        num_roar = min(batch_size, int(math.floor(self.rho * batch_size + u)))
+        num_roar = self.num_roar_rows(batch_size, generator=generator, device=device)
         order = torch.randperm(batch_size, generator=generator, device=device)
         roar_rows = torch.zeros(batch_size, dtype=torch.bool, device=device)
         roar_rows[order[:num_roar]] = True
@@ -300,10 +321,20 @@ class MixturePath(SNRPath):
         return self.continuous.grid(num_steps)
 
     def __repr__(self) -> str:
-        return f"MixturePath(rho={self.rho}, roar={self.roar!r}, continuous={self.continuous!r})"
+        return (
+            f"MixturePath(rho={self.rho}, row_count={self.row_count!r}, roar={self.roar!r}, "
+            f"continuous={self.continuous!r})"
+        )
 
 
-SNR_PATH_NAMES = ("mixture", "roar", "roar_smoothed", "lognormal", "loglinear", "linear")
+# The reference code's `mixed` SNR path (DSL2 `snrs.MixedSNRPath` with `configs/snrpath/mixed.yaml`): B // 4 rows
+# on ROAR endpoints, the rest per-sequence log-normal with mu 4.0, sigma 1.5. Its parameters are fixed by the name;
+# other values go through "mixture".
+REFERENCE_MIXED_RHO = 0.25
+REFERENCE_MIXED_LOGNORMAL_MU = 4.0
+REFERENCE_MIXED_LOGNORMAL_SIGMA = 1.5
+
+SNR_PATH_NAMES = ("mixture", "reference_mixed", "roar", "roar_smoothed", "lognormal", "loglinear", "linear")
 
 
 def build_snr_path(
@@ -320,8 +351,14 @@ def build_snr_path(
 ) -> SNRPath:
     """Build an SNR path from flat options (the form they take in ``DSLTrainingArguments`` and on the CLI).
 
-    ``name`` is one of ``SNR_PATH_NAMES``; for "mixture" the continuous part is log-normal and the endpoint part
-    is ROAR (smoothed when ``roar_smoothed``).
+    ``name`` is one of ``SNR_PATH_NAMES``:
+
+    * "mixture": a fraction ``rho`` of the rows (stochastic rounding) on ROAR endpoints (smoothed when
+      ``roar_smoothed``), the rest log-normal (``lognormal_mu``, ``lognormal_sigma``): METHOD.md's mixture;
+    * "reference_mixed": the reference code's `mixed` path, floor(B / 4) ROAR rows and log-normal (4.0, 1.5);
+      ``rho``, ``lognormal_mu`` and ``lognormal_sigma`` do not apply;
+    * "lognormal": every row log-normal, no ROAR rows (the reference code's default path, mu 2.69, sigma 1.41);
+    * "roar" / "roar_smoothed", "loglinear", "linear": one path for every row.
     """
     if name not in SNR_PATH_NAMES:
         raise ValueError(f"unknown SNR path {name!r}; accepted: {', '.join(SNR_PATH_NAMES)}")
@@ -335,6 +372,11 @@ def build_snr_path(
         return LogLinearPath(snr_min=snr_min, snr_max=snr_max, per_token=per_token)
     if name == "linear":
         return LinearPath(snr_max=snr_max, per_token=per_token)
+    if name == "reference_mixed":
+        continuous = LogNormalPath(
+            mu=REFERENCE_MIXED_LOGNORMAL_MU, sigma=REFERENCE_MIXED_LOGNORMAL_SIGMA, per_token=per_token, snr_max=snr_max
+        )
+        return MixturePath(roar=roar, continuous=continuous, rho=REFERENCE_MIXED_RHO, row_count="floor")
     lognormal = LogNormalPath(mu=lognormal_mu, sigma=lognormal_sigma, per_token=per_token, snr_max=snr_max)
     if name == "lognormal":
         return lognormal

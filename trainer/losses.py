@@ -13,6 +13,7 @@ the wrapper (so that gradient hooks fire), the noisy-state channel is taken from
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,22 @@ from .corruption import (
     sample_mdlm_times,
 )
 
-__all__ = ["LossOutput", "dsl_loss", "mdlm_loss", "roar_nll", "diffusion_nll_bound", "unwrap_denoiser"]
+__all__ = [
+    "LossOutput",
+    "ROAR_TERMS",
+    "dsl_loss",
+    "mdlm_loss",
+    "roar_nll",
+    "diffusion_nll_bound",
+    "token_loss_mask",
+    "unwrap_denoiser",
+]
+
+# How the optional ROAR NLL term enters the DSL objective with weight lambda:
+#   "convex": (1 - lambda) CE + lambda ROAR, lambda in [0, 1] (the reference code's `mix_lambda`; the total weight
+#             stays 1, so a learning rate means the same at every lambda);
+#   "added":  CE + lambda ROAR, lambda >= 0 (a literal reading of METHOD.md's "extra term").
+ROAR_TERMS = ("convex", "added")
 
 
 @dataclass
@@ -69,6 +85,26 @@ def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     return attention_mask.bool()
 
 
+def _loss_tokens(tokens: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """The tokens whose cross-entropy counts: real tokens (``tokens``) that ``loss_mask`` keeps (all when None).
+
+    A loss mask removes tokens from the loss only; they stay in the input and are attended to (the reference code
+    drops pad = EOS from its cross-entropy this way, never from attention)."""
+    if loss_mask is None:
+        return tokens
+    if loss_mask.shape != tokens.shape:
+        raise ValueError(f"loss_mask shape {list(loss_mask.shape)} does not match input_ids {list(tokens.shape)}")
+    return tokens & loss_mask.bool()
+
+
+def token_loss_mask(input_ids: torch.Tensor, excluded_token_ids: Sequence[int]) -> torch.Tensor | None:
+    """Bool [B, L]: False at the tokens in ``excluded_token_ids`` (e.g. GPT-2's EOS = BOS = pad); None if empty."""
+    if not excluded_token_ids:
+        return None
+    excluded = torch.as_tensor(list(excluded_token_ids), dtype=input_ids.dtype, device=input_ids.device)
+    return ~torch.isin(input_ids, excluded)
+
+
 def _per_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-log softmax(logits)[target] per position, [B, L], computed in fp32."""
     batch, length, vocab = logits.shape
@@ -87,20 +123,30 @@ def dsl_loss(
     snr_path: SNRPath,
     roar_lambda: float = 0.0,
     generator: torch.Generator | None = None,
+    loss_mask: torch.Tensor | None = None,
+    roar_term: str = "convex",
 ) -> LossOutput:
     """The continuum-corruption objective of DSL (METHOD.md section 3).
 
-    Unweighted cross-entropy of the clean tokens given z = s e_x + sqrt(s) eps, averaged over all non-padding
-    tokens, with the SNRs drawn from ``snr_path``; plus ``roar_lambda`` times the ROAR NLL of a fresh ROAR draw.
+    Unweighted cross-entropy of the clean tokens given z = s e_x + sqrt(s) eps, averaged over the counted tokens
+    (real tokens that ``loss_mask`` keeps; every token is still fed to the network), with the SNRs drawn from
+    ``snr_path``. With ``roar_lambda > 0`` a fresh ROAR draw's NLL joins it as ``roar_term`` says (see
+    ``ROAR_TERMS``): "convex" (default, the reference code) is (1 - lambda) CE + lambda ROAR, "added" is
+    CE + lambda ROAR.
 
     Components: ``continuous_ce`` (tokens of continuous rows), ``endpoint_ce`` (tokens of ROAR endpoint rows),
     ``endpoint_masked_ce`` (the masked, s = 0, tokens of the endpoint rows: a ROAR NLL estimate at s_hi = s_max
     that comes for free), ``roar_nll`` (only when ``roar_lambda > 0``) and ``ce`` (the unweighted mean).
     """
-    if roar_lambda < 0:
-        raise ValueError(f"roar_lambda must be >= 0, got {roar_lambda}")
+    if roar_term not in ROAR_TERMS:
+        raise ValueError(f"roar_term={roar_term!r} is not supported; accepted: {ROAR_TERMS}")
+    if not (math.isfinite(roar_lambda) and roar_lambda >= 0):
+        raise ValueError(f"roar_lambda must be a finite number >= 0, got {roar_lambda}")
+    if roar_term == "convex" and roar_lambda > 1:
+        raise ValueError(f"roar_lambda={roar_lambda} must lie in [0, 1] with roar_term='convex'")
     denoiser = unwrap_denoiser(model)
     tokens = _token_mask(input_ids, attention_mask)
+    counted = _loss_tokens(tokens, loss_mask)
     batch, length = input_ids.shape
     draw = snr_path.sample_with_rows(
         batch, length, generator=generator, device=input_ids.device, lengths=tokens.sum(dim=1)
@@ -108,24 +154,32 @@ def dsl_loss(
     snr = draw.snr.masked_fill(~tokens, 0.0)
     noisy_states = denoiser.noisy_states(input_ids, snr, generator=generator)
     logits = model(noisy_states=noisy_states, attention_mask=attention_mask).logits
-    cross_entropy = _per_token_cross_entropy(logits, input_ids) * tokens
+    cross_entropy = _per_token_cross_entropy(logits, input_ids) * counted
     nll_sum = cross_entropy.sum()
-    num_tokens = tokens.sum()
+    num_tokens = counted.sum()
     loss = nll_sum / num_tokens.clamp(min=1)
 
     with torch.no_grad():
-        endpoint_tokens = tokens & draw.roar_rows[:, None]
+        endpoint_tokens = counted & draw.roar_rows[:, None]
         components = {
             "ce": float(loss.detach()),
-            "continuous_ce": _masked_mean(cross_entropy, tokens & ~draw.roar_rows[:, None]),
+            "continuous_ce": _masked_mean(cross_entropy, counted & ~draw.roar_rows[:, None]),
             "endpoint_ce": _masked_mean(cross_entropy, endpoint_tokens),
             "endpoint_masked_ce": _masked_mean(cross_entropy, endpoint_tokens & (snr == 0)),
         }
     if roar_lambda > 0:
-        roar = roar_nll(model, input_ids, attention_mask, snr_hi=snr_path_snr_max(snr_path), generator=generator)
-        # Both terms are means over the same tokens, so loss * num_tokens stays a sum over tokens (which is what
-        # gradient accumulation needs).
-        loss = loss + roar_lambda * roar.loss
+        roar = roar_nll(
+            model,
+            input_ids,
+            attention_mask,
+            snr_hi=snr_path_snr_max(snr_path),
+            generator=generator,
+            loss_mask=loss_mask,
+        )
+        # Both terms are means over the same counted tokens, so loss * num_tokens stays a sum over tokens (which
+        # is what gradient accumulation needs).
+        ce_weight = 1.0 - roar_lambda if roar_term == "convex" else 1.0
+        loss = ce_weight * loss + roar_lambda * roar.loss
         components["roar_nll"] = float(roar.loss.detach())
     return LossOutput(
         loss=loss,
@@ -149,6 +203,7 @@ def mdlm_loss(
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     antithetic: bool = True,
+    loss_mask: torch.Tensor | None = None,
 ) -> LossOutput:
     """MDLM's continuous-time NELBO with the SUBS parametrization (METHOD.md section 2).
 
@@ -157,6 +212,7 @@ def mdlm_loss(
     probability) and unmasked positions carry over the observed token (zero loss), so the loss is
     sum over masked tokens of w(t) * (-log p_theta(x | z_t)), w(t) = 1/t, divided by ALL non-padding tokens.
     ``exp(nll_sum / num_tokens)`` is the perplexity bound ("PPL <=").
+    ``loss_mask`` (optional) removes tokens from the sum and the count; they are still masked and fed as usual.
     """
     denoiser = unwrap_denoiser(model)
     tokens = _token_mask(input_ids, attention_mask)
@@ -173,16 +229,18 @@ def mdlm_loss(
         input_ids, t, denoiser.config.mask_token_id, eps=eps, attention_mask=tokens, generator=generator
     )
     logits = model(input_ids=noisy_ids, attention_mask=attention_mask).logits
-    cross_entropy = _per_token_cross_entropy(logits, input_ids) * masked
+    counted = _loss_tokens(tokens, loss_mask)
+    counted_masked = masked & counted
+    cross_entropy = _per_token_cross_entropy(logits, input_ids) * counted_masked
     weighted = cross_entropy * mdlm_loss_weight(t.float())[:, None]
     nll_sum = weighted.sum()
-    num_tokens = tokens.sum()
+    num_tokens = counted.sum()
     loss = nll_sum / num_tokens.clamp(min=1)
     with torch.no_grad():
         components = {
             "nelbo": float(loss.detach()),
-            "masked_ce": _masked_mean(cross_entropy, masked),
-            "mask_fraction": float(masked.sum() / num_tokens.clamp(min=1)),
+            "masked_ce": _masked_mean(cross_entropy, counted_masked),
+            "mask_fraction": float(counted_masked.sum() / num_tokens.clamp(min=1)),
         }
     return LossOutput(
         loss=loss,
@@ -198,6 +256,7 @@ def roar_nll(
     attention_mask: torch.Tensor | None,
     snr_hi: float | None = None,
     generator: torch.Generator | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> LossOutput:
     """One-sample estimate of the random-order autoregressive (any-order) NLL.
 
@@ -207,6 +266,10 @@ def roar_nll(
 
     ``snr_hi=None`` feeds the noise-free endpoints as token ids (``[MASK]`` at masked positions); a number feeds
     noisy states with SNR ``snr_hi`` on the visible tokens and 0 on the masked ones.
+
+    ``loss_mask`` (optional) removes tokens from the estimate (as the reference code drops pad = EOS): the order
+    still runs over every real token; a row's mean CE is over its masked counted tokens, scaled by its number of
+    counted tokens.
     """
     denoiser = unwrap_denoiser(model)
     tokens = _token_mask(input_ids, attention_mask)
@@ -222,11 +285,14 @@ def roar_nll(
             raise ValueError(f"snr_hi must be a finite number > 0 or None (noise-free), got {snr_hi!r}")
         noisy_states = denoiser.noisy_states(input_ids, visible.float() * snr_hi, generator=generator)
         logits = model(noisy_states=noisy_states, attention_mask=attention_mask).logits
-    cross_entropy = _per_token_cross_entropy(logits, input_ids) * masked
+    counted = _loss_tokens(tokens, loss_mask)
+    counted_masked = masked & counted
+    cross_entropy = _per_token_cross_entropy(logits, input_ids) * counted_masked
     # k <= n - 1, so every row with a real token has at least one masked token.
-    row_mean = cross_entropy.sum(dim=1) / masked.sum(dim=1).clamp(min=1)
-    nll_sum = (row_mean * lengths).sum()
-    num_tokens = lengths.sum()
+    row_mean = cross_entropy.sum(dim=1) / counted_masked.sum(dim=1).clamp(min=1)
+    counted_lengths = counted.sum(dim=1)
+    nll_sum = (row_mean * counted_lengths).sum()
+    num_tokens = counted_lengths.sum()
     loss = nll_sum / num_tokens.clamp(min=1)
     return LossOutput(
         loss=loss, nll_sum=nll_sum.detach(), num_tokens=num_tokens, components={"roar_nll": float(loss.detach())}

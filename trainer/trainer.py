@@ -7,8 +7,11 @@ What it adds to the Trainer, and nothing more:
   cross-device) batch, so gradient accumulation and data parallelism give the gradient of one big batch.
 * evaluation always returns the objective's loss and also reports the ROAR NLL and the MDLM NELBO (nats, bits per
   token and the perplexity bound);
-* the DSL-specific parameters (token directions E, converter beta and bias, the converter's value matrix) get
-  their own learning rate and weight decay; how far E has moved from its initialization is logged;
+* the DSL parameters (token directions E, converter beta and bias b; the converter's value matrix W, which is the
+  backbone's input table, only on request) get their own learning rate and weight decay; how far each has moved
+  is logged;
+* named recipes (``recipe="reference"``: the authors' code) and the reference's loss options (EOS dropped from the
+  loss through a loss mask, the convex ROAR term, its SNR paths);
 * an exponential moving average of the weights (:class:`EMACallback`, MDLM's warm-up), saved with every
   checkpoint, restored on resume, used for evaluation and (optionally) for the exported model; it works under
   DeepSpeed ZeRO-3 by keeping each rank's shard of the average;
@@ -23,6 +26,7 @@ register the DeepSpeed config globally, and ``from_pretrained`` then builds the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +42,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .corruption import SNR_PATH_NAMES, SNRPath, build_snr_path
-from .losses import LossOutput, dsl_loss, mdlm_loss, roar_nll, unwrap_denoiser
+from .losses import ROAR_TERMS, LossOutput, dsl_loss, mdlm_loss, roar_nll, token_loss_mask, unwrap_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +50,51 @@ OBJECTIVES = ("dsl", "mdlm")
 EMA_WEIGHTS_NAME = "ema.safetensors"
 DSL_STATE_NAME = "dsl_state.safetensors"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
-# Names of the parameters that DSL adds to (or re-purposes in) the MDLM backbone.
-DEFAULT_DSL_PARAMETER_PATTERNS = ["token_directions", "converter_beta", "converter_bias", "vocab_embed.embedding"]
+# The parameters DSL adds to the MDLM backbone: the token directions E, the converter's beta and its bias b. The
+# converter's value matrix W is MDLM's input table (`backbone.vocab_embed.embedding`): it belongs to the backbone
+# and joins the DSL group only with `dsl_group_includes_input_table`.
+DEFAULT_DSL_PARAMETER_PATTERNS = ["token_directions", "converter_beta", "converter_bias"]
+INPUT_TABLE_PATTERN = "backbone.vocab_embed.embedding"
+# What the EOS / BOS tokens count for in the training loss: "count" (MDLM) or "drop" (the reference code, whose
+# loss skips `input_ids == pad_id` with GPT-2's pad = EOS = BOS). Dropped tokens stay in the input and attention.
+EOS_IN_LOSS_CHOICES = ("count", "drop")
+# Named training recipes: argument values applied by `DSLTrainingArguments(recipe=...)`.
+# "reference": the authors' DSL2 code (`train.py`, `configs/optim/adamw.yaml`, `configs/snrpath/lognormal-owt.yaml`,
+# `configs/train/base-owt.yaml`): one AdamW group (betas 0.9 / 0.999, eps 1e-8, no weight decay) at a constant
+# 3e-4 with no warm-up, gradient clipping at 1.0, an EMA of 0.999 with no warm-up, per-sequence log-normal SNRs
+# (2.69, 1.41) with no ROAR rows and no ROAR term, pad = EOS dropped from the cross-entropy.
+RECIPES = {
+    "reference": {
+        "learning_rate": 3e-4,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "ema_decay": 0.999,
+        "ema_warmup": False,
+        "dsl_learning_rate": None,
+        "dsl_weight_decay": 0.0,
+        "snr_path": "lognormal",
+        "lognormal_mu": 2.69,
+        "lognormal_sigma": 1.41,
+        "per_token_snr": False,
+        "roar_lambda": 0.0,
+        "roar_term": "convex",
+        "eos_in_loss": "drop",
+    }
+}
+# The values of the arguments whose default is None so that a recipe can tell "not given" from "given": what they
+# become when neither the user nor a recipe sets them.
+UNSET_DEFAULTS = {
+    "snr_path": "mixture",
+    "roar_term": "convex",
+    "eos_in_loss": "count",
+    "ema_decay": 0.0,
+    "ema_warmup": True,
+}
 # Every loss component a step can report, in a fixed order so that ranks can sum them with one all-reduce.
 LOSS_COMPONENTS = (
     "ce",
@@ -72,13 +119,31 @@ class DSLTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the DSL / MDLM objective, the SNR path, EMA and the DSL parameter group.
 
     The defaults follow METHOD.md: mixture path with a quarter of ROAR rows, log-normal SNRs (mu 2.69, sigma 1.41)
-    for the rest, s_max from the model config (100), no ROAR term, time epsilon 1e-3, no EMA (MDLM used 0.9999,
-    the DSL fine-tuning recipe 0.999).
+    for the rest, s_max from the model config (100), no ROAR term, EOS counted in the loss (as MDLM), time epsilon
+    1e-3, no EMA (MDLM used 0.9999, the DSL fine-tuning recipe 0.999). The mixture stays the default, rather than
+    the reference code's all-log-normal path, because the discrete samplers (MDLM, ReMDM, ROAR, the hybrid's
+    discrete phase) feed the network exactly the endpoint states z = 0 and z = s_hi e_x that the ROAR rows train;
+    the log-normal path reaches them only in its tails.
+
+    ``recipe`` names a preset (see ``RECIPES``; "reference" is the authors' code). It fills in every argument the
+    user left unset: the DSL arguments whose default is None (``snr_path``, ``roar_term``, ``eos_in_loss``,
+    ``ema_decay``, ``ema_warmup``) and the others still at their dataclass default (a Trainer argument given
+    explicitly with its default value, e.g. ``--learning_rate 5e-5``, cannot be told apart and takes the recipe's).
+    The resolved values are what the saved arguments record.
     """
 
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": f"Named training recipe, one of {tuple(RECIPES)}; fills in the arguments left unset."},
+    )
     objective: str = field(default="dsl", metadata={"help": f"Training objective, one of {OBJECTIVES}."})
-    snr_path: str = field(
-        default="mixture", metadata={"help": f"DSL SNR path, one of {SNR_PATH_NAMES} (mixture = ROAR + log-normal)."}
+    snr_path: str | None = field(
+        default=None,
+        metadata={
+            "help": f"DSL SNR path, one of {SNR_PATH_NAMES}. Default mixture (rho ROAR rows + log-normal); "
+            "lognormal is the reference code's default; reference_mixed is its `mixed` path (B // 4 ROAR rows, "
+            "log-normal 4.0 / 1.5)."
+        },
     )
     rho: float = field(default=0.25, metadata={"help": "Fraction of ROAR endpoint rows in the mixture, in [0, 1]."})
     snr_max: float | None = field(
@@ -94,11 +159,30 @@ class DSLTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Smoothed ROAR endpoints (masked s ~ U[0, lo), clean s ~ U[0.8, 1] s_max)."}
     )
     smoothed_snr_lo: float = field(default=1.0, metadata={"help": "Upper SNR of smoothed masked tokens, > 0."})
-    roar_lambda: float = field(default=0.0, metadata={"help": "Weight of the extra ROAR NLL term (0 or 0.5), >= 0."})
+    roar_lambda: float = field(
+        default=0.0, metadata={"help": "Weight lambda of the ROAR NLL term (0 or 0.5; in [0, 1] when convex)."}
+    )
+    roar_term: str | None = field(
+        default=None,
+        metadata={
+            "help": f"How the ROAR term enters, one of {ROAR_TERMS}: convex = (1 - lambda) CE + lambda ROAR (default, "
+            "the reference code), added = CE + lambda ROAR."
+        },
+    )
+    eos_in_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": f"EOS / BOS / pad tokens in the training loss, one of {EOS_IN_LOSS_CHOICES}: count (default, "
+            "MDLM) or drop (the reference code, GPT-2 pad = EOS); dropped tokens are still attended to."
+        },
+    )
     time_eps: float = field(default=1e-3, metadata={"help": "MDLM schedule and time-sampling epsilon, in (0, 1)."})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights in [0, 1); 0 turns EMA off."})
-    ema_warmup: bool = field(
-        default=True, metadata={"help": "MDLM's EMA warm-up: decay_n = min(decay, (1 + n) / (10 + n))."}
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "EMA decay of the weights in [0, 1); 0 (the default) turns EMA off."}
+    )
+    ema_warmup: bool | None = field(
+        default=None,
+        metadata={"help": "MDLM's EMA warm-up: decay_n = min(decay, (1 + n) / (10 + n)) (default on; the reference: off)."},
     )
     ema_eval: bool = field(default=True, metadata={"help": "Evaluate with the EMA weights (when EMA is on)."})
     ema_export: bool = field(
@@ -106,17 +190,26 @@ class DSLTrainingArguments(TrainingArguments):
     )
     dsl_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the DSL-specific parameters (E, beta, converter); default: learning_rate."},
+        metadata={"help": "Learning rate of the DSL parameters (E, beta, converter bias b); default: learning_rate."},
     )
     dsl_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the DSL-specific parameters."})
     dsl_parameter_patterns: list[str] = field(
         default_factory=lambda: list(DEFAULT_DSL_PARAMETER_PATTERNS),
-        metadata={"help": "Parameter-name substrings that select the DSL-specific parameter group."},
+        metadata={"help": "Parameter-name substrings that select the DSL parameter group (default: E, beta, b)."},
+    )
+    dsl_group_includes_input_table: bool = field(
+        default=False,
+        metadata={
+            "help": "Also put the converter's value matrix W (the backbone's input table, vocab_embed.embedding) in "
+            "the DSL group; by default it is a backbone weight at the backbone's rate."
+        },
     )
     eval_roar_nll: bool = field(default=True, metadata={"help": "Report the ROAR NLL during evaluation."})
     eval_mdlm_nelbo: bool = field(default=True, metadata={"help": "Report the MDLM NELBO during evaluation."})
 
     def __post_init__(self):
+        # The recipe first, so that validation and the parent class see the resolved values.
+        self.apply_recipe()
         # Fail before any work starts (and before DeepSpeed is configured by the parent class).
         self.validate_dsl_arguments()
         super().__post_init__()
@@ -135,6 +228,22 @@ class DSLTrainingArguments(TrainingArguments):
         if not ds_comm.is_initialized():
             _ = self.device  # accelerate initializes torch.distributed (gloo) for multi-process CPU runs
             deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+    def apply_recipe(self) -> None:
+        """Fill in the unset arguments from ``recipe`` (see the class docstring), then the remaining unset ones."""
+        if self.recipe is not None:
+            if self.recipe not in RECIPES:
+                raise ValueError(f"recipe={self.recipe!r} is not supported; accepted: {tuple(RECIPES)}")
+            defaults = {spec.name: spec.default for spec in dataclasses.fields(self)}
+            for name, value in RECIPES[self.recipe].items():
+                current = getattr(self, name)
+                if current is None or current == defaults[name]:
+                    setattr(self, name, value)
+                elif current != value:
+                    logger.warning("recipe %r: keeping %s=%r (the recipe's value is %r).", self.recipe, name, current, value)
+        for name, value in UNSET_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate_dsl_arguments(self) -> None:
         def require(condition: bool, message: str) -> None:
@@ -155,6 +264,27 @@ class DSLTrainingArguments(TrainingArguments):
         require(self.snr_min > 0, f"snr_min={self.snr_min} must be an SNR > 0")
         require(self.smoothed_snr_lo > 0, f"smoothed_snr_lo={self.smoothed_snr_lo} must be an SNR > 0")
         require(self.roar_lambda >= 0, f"roar_lambda={self.roar_lambda} must be >= 0")
+        require(self.roar_term in ROAR_TERMS, f"roar_term={self.roar_term!r} is not supported; accepted: {ROAR_TERMS}")
+        require(
+            self.roar_term != "convex" or self.roar_lambda <= 1,
+            f"roar_lambda={self.roar_lambda} must lie in [0, 1] with roar_term='convex' ((1 - lambda) CE + lambda ROAR)",
+        )
+        require(
+            self.eos_in_loss in EOS_IN_LOSS_CHOICES,
+            f"eos_in_loss={self.eos_in_loss!r} is not supported; accepted: {EOS_IN_LOSS_CHOICES}",
+        )
+        if self.snr_path == "reference_mixed":
+            # Its parameters are fixed by the name: a changed value here would be silently ignored.
+            changed = {
+                name: getattr(self, name)
+                for name, default in (("rho", 0.25), ("lognormal_mu", 2.69), ("lognormal_sigma", 1.41))
+                if getattr(self, name) != default
+            }
+            require(
+                not changed,
+                f"snr_path='reference_mixed' fixes rho 1/4 (floor) and log-normal (4.0, 1.5); {changed} does not "
+                "apply: use snr_path='mixture' to choose them",
+            )
         require(0.0 < self.time_eps < 1.0, f"time_eps={self.time_eps} must lie in (0, 1)")
         require(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must lie in [0, 1) (0 turns EMA off)")
         require(
@@ -166,6 +296,8 @@ class DSLTrainingArguments(TrainingArguments):
         self.dsl_parameter_patterns = [
             name.strip() for value in self.dsl_parameter_patterns for name in value.split(",") if name.strip()
         ]
+        if self.dsl_group_includes_input_table and INPUT_TABLE_PATTERN not in self.dsl_parameter_patterns:
+            self.dsl_parameter_patterns.append(INPUT_TABLE_PATTERN)
 
     def build_snr_path(self, default_snr_max: float = 100.0) -> SNRPath:
         """The SNR path these arguments describe (``snr_max`` falls back to the model's)."""
@@ -406,13 +538,6 @@ def get_last_complete_checkpoint(output_dir: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _count_real_tokens(batch: dict) -> torch.Tensor:
-    """Tokens that count in the losses: attention_mask == 1 (all of input_ids without a mask)."""
-    if batch.get("attention_mask") is not None:
-        return batch["attention_mask"].sum()
-    return torch.tensor(batch["input_ids"].numel())
-
-
 class DSLTrainer(Trainer):
     """`Trainer` for DSL (continuum corruption) and MDLM (masked diffusion NELBO) training of a DSL denoiser.
 
@@ -440,7 +565,36 @@ class DSLTrainer(Trainer):
             self.add_callback(EMACallback(args.ema_decay, warmup=args.ema_warmup))
         self._component_sums = torch.zeros(2, len(LOSS_COMPONENTS), dtype=torch.float64)
         self._eval_sums: dict[str, torch.Tensor] = {}
+        self.loss_excluded_token_ids = self._loss_excluded_token_ids(denoiser.config)
+        # The DSL parameters' starting values, to log how far they moved (set at the first training step, restored
+        # from the checkpoint on resume).
         self._initial_directions: torch.Tensor | None = None
+        self._initial_input_table: torch.Tensor | None = None
+
+    def _loss_excluded_token_ids(self, config) -> tuple[int, ...]:
+        """The token ids the training loss skips: EOS and BOS with ``eos_in_loss="drop"``, none otherwise."""
+        if self.args.eos_in_loss != "drop":
+            return ()
+        ids = tuple(sorted({i for i in (config.eos_token_id, config.bos_token_id) if i is not None}))
+        if not ids:
+            raise ValueError(
+                "eos_in_loss='drop' needs the model config to name eos_token_id or bos_token_id, and this model's "
+                "config has neither; set them or use eos_in_loss='count'"
+            )
+        return ids
+
+    def loss_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """False at the tokens the training loss skips (see ``eos_in_loss``); None when every token counts."""
+        return token_loss_mask(input_ids, self.loss_excluded_token_ids)
+
+    def count_loss_tokens(self, batch: dict) -> torch.Tensor:
+        """Tokens that count in the training loss: attention_mask == 1 (all without a mask), minus skipped ones."""
+        input_ids = batch["input_ids"]
+        counted = batch["attention_mask"].bool() if batch.get("attention_mask") is not None else torch.ones_like(
+            input_ids, dtype=torch.bool
+        )
+        loss_mask = self.loss_mask(input_ids)
+        return (counted & loss_mask).sum() if loss_mask is not None else counted.sum()
 
     # --- EMA ---------------------------------------------------------------------------------------------------
 
@@ -463,15 +617,27 @@ class DSLTrainer(Trainer):
         """The configured objective on one batch; randomness from ``generator`` (default: the global RNG)."""
         args = self.args
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        loss_mask = self.loss_mask(input_ids)
         if args.objective == "mdlm":
-            return mdlm_loss(model, input_ids, attention_mask, eps=args.time_eps, generator=generator)
+            return mdlm_loss(
+                model, input_ids, attention_mask, eps=args.time_eps, generator=generator, loss_mask=loss_mask
+            )
         return dsl_loss(
-            model, input_ids, attention_mask, self.snr_path, roar_lambda=args.roar_lambda, generator=generator
+            model,
+            input_ids,
+            attention_mask,
+            self.snr_path,
+            roar_lambda=args.roar_lambda,
+            generator=generator,
+            loss_mask=loss_mask,
+            roar_term=args.roar_term,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._initial_directions is None and model.training:
+        if model.training and self._initial_directions is None:
             self._initial_directions = self._current_directions()
+        if model.training and self._initial_input_table is None:
+            self._initial_input_table = self._current_input_table()
         out = self.objective_loss(model, inputs)
         for index, name in enumerate(LOSS_COMPONENTS):
             if name in out.components:
@@ -492,7 +658,7 @@ class DSLTrainer(Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
-        num_tokens = sum(_count_real_tokens(batch).to(device) for batch in batch_samples)
+        num_tokens = sum(self.count_loss_tokens(batch).to(device) for batch in batch_samples)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             num_tokens = self.accelerator.gather(num_tokens).sum()
         return batch_samples, num_tokens
@@ -567,8 +733,21 @@ class DSLTrainer(Trainer):
         param = self._named_dsl_tensor("token_directions.weight")
         return F.normalize(self._gathered_value(param), dim=-1) if param is not None else None
 
+    def _current_input_table(self) -> torch.Tensor | None:
+        """A CPU copy of the converter's value matrix W (the backbone's input table) when it is trained."""
+        param = self._named_dsl_tensor(INPUT_TABLE_PATTERN)
+        return self._gathered_value(param).cpu() if param is not None and param.requires_grad else None
+
     def dsl_parameter_metrics(self) -> dict[str, float]:
-        """How far the token directions moved (mean cosine to their initial value) and the converter's beta."""
+        """How far each DSL parameter moved, for the training log.
+
+        * ``token_directions_cosine_to_init``: mean cosine of E's rows to their initial directions;
+        * ``converter_beta``;
+        * ``converter_mask_bias``: b at the ``[MASK]`` slot, and ``converter_mask_weight_at_zero``: that slot's
+          weight at z = 0, softmax(b)[mask] (the converter's input at a masked token is this mix of W's columns;
+          1 means exactly MDLM's mask embedding);
+        * ``input_table_relative_change``: ||W - W_0|| / ||W_0|| (Frobenius), when W is trained.
+        """
         metrics = {}
         directions = self._current_directions()
         if directions is not None and self._initial_directions is not None:
@@ -577,6 +756,16 @@ class DSLTrainer(Trainer):
         beta = self._named_dsl_tensor("converter_beta")
         if beta is not None:
             metrics["converter_beta"] = float(self._gathered_value(beta))
+        bias = self._named_dsl_tensor("converter_bias")
+        if bias is not None:
+            bias = self._gathered_value(bias)
+            mask_slot = unwrap_denoiser(self.model).config.mask_token_id
+            metrics["converter_mask_bias"] = float(bias[mask_slot])
+            metrics["converter_mask_weight_at_zero"] = float(bias.softmax(dim=-1)[mask_slot])
+        table = self._current_input_table()
+        if table is not None and self._initial_input_table is not None:
+            change = torch.linalg.norm(table - self._initial_input_table) / torch.linalg.norm(self._initial_input_table)
+            metrics["input_table_relative_change"] = float(change)
         return metrics
 
     # --- logging -----------------------------------------------------------------------------------------------
@@ -623,6 +812,7 @@ class DSLTrainer(Trainer):
         generator = self._eval_rng
         with torch.no_grad(), self.compute_loss_context_manager():
             estimates = {"objective": self.objective_loss(model, inputs, generator=generator)}
+            # The likelihoods count every real token, whatever eos_in_loss says, so that runs compare.
             if self.args.eval_roar_nll:
                 estimates["roar"] = roar_nll(model, input_ids, attention_mask, generator=generator)
             if self.args.eval_mdlm_nelbo:
@@ -668,11 +858,13 @@ class DSLTrainer(Trainer):
             logger.info("Resuming from %s", resume_from_checkpoint)
         if self.ema_callback is not None:
             self.ema_callback.resume_from = resume_from_checkpoint or None
-        self._initial_directions = None
+        self._initial_directions = self._initial_input_table = None
         if resume_from_checkpoint:
             state_path = os.path.join(resume_from_checkpoint, DSL_STATE_NAME)
             if os.path.isfile(state_path):
-                self._initial_directions = load_file(state_path).get("initial_token_directions")
+                state = load_file(state_path)
+                self._initial_directions = state.get("initial_token_directions")
+                self._initial_input_table = state.get("initial_input_table")
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
@@ -693,9 +885,14 @@ class DSLTrainer(Trainer):
         checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.ema is not None:
             self.ema.save(checkpoint_dir)
-        if self.args.should_save and self._initial_directions is not None:
+        initial_values = {
+            "initial_token_directions": self._initial_directions,
+            "initial_input_table": self._initial_input_table,
+        }
+        initial_values = {name: value.cpu().contiguous() for name, value in initial_values.items() if value is not None}
+        if self.args.should_save and initial_values:
             _atomic_save_safetensors(
-                {"initial_token_directions": self._initial_directions.cpu().contiguous()},
+                initial_values,
                 os.path.join(checkpoint_dir, DSL_STATE_NAME),
             )
         self.accelerator.wait_for_everyone()
