@@ -580,7 +580,10 @@ def test_cli_lora_save_reload_merge(tmp_path):
 
     merged = DSLForMaskedDiffusion.from_pretrained(tmp_path / "out").eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    reloaded = PeftModel.from_pretrained(DSLForMaskedDiffusion.from_pretrained(tmp_path / "base"), adapter_dir).eval()
+    assert merged.config.endpoint_inputs == "converter"  # trained with the DSL objective
+    # The adapter was trained through the converter endpoints: its base must show them the same way.
+    reloaded_base = DSLForMaskedDiffusion.from_pretrained(tmp_path / "base", endpoint_inputs="converter")
+    reloaded = PeftModel.from_pretrained(reloaded_base, adapter_dir).eval()
     probe = torch.randint(0, 50258, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         merged_logits = merged(input_ids=probe).logits
