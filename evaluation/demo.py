@@ -115,6 +115,7 @@ PRESETS = {
         noise_floor_steps=8,
     ),
 }
+ARM_RECIPES = ("cosine", "reference")
 LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (t <= t_off)
 
 
@@ -185,8 +186,17 @@ class DemoArguments:
     batch_size: int | None = field(default=None, metadata={"help": "Rows per optimizer step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Pretraining peak learning rate."})
     finetune_learning_rate: float = field(default=3e-4, metadata={"help": "Backbone learning rate of both arms."})
-    dsl_learning_rate: float = field(
-        default=1e-2, metadata={"help": "Learning rate of E, beta and the converter bias."}
+    arm_recipe: str = field(
+        default="cosine",
+        metadata={"help": "Fine-tuning recipe of both arms: 'cosine' (the pretraining recipe at finetune_learning_rate, "
+                  "E/beta/b at dsl_learning_rate, default 1e-2) or 'reference' (the authors' code, `DSLTrainingArguments"
+                  "(recipe='reference')`: one AdamW group at a constant 3e-4, EMA 0.999, EOS dropped from the loss, the "
+                  "DSL arm on per-sequence log-normal SNRs; --dsl_learning_rate still splits E/beta/b off)."},
+    )
+    dsl_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of E, beta and the converter bias (default: 1e-2 with arm_recipe 'cosine', "
+                  "the backbone's with 'reference')."},
     )
     step_budgets: list[int] | None = field(default=None, metadata={"help": "Step budgets T of the sampling sweep."})
     secondary_step_budgets: list[int] | None = field(
@@ -224,6 +234,10 @@ class DemoArguments:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not supported; accepted: {sorted(PRESETS)}.")
+        if self.arm_recipe not in ARM_RECIPES:
+            raise ValueError(f"arm_recipe={self.arm_recipe!r} is not supported; accepted: {ARM_RECIPES}.")
+        if self.dsl_learning_rate is None and self.arm_recipe == "cosine":
+            self.dsl_learning_rate = 1e-2
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -334,12 +348,22 @@ def train_and_save(args, trainer, out_dir, steps) -> dict:
     }
 
 
-def train_model(args, model, rows, out_dir, objective, steps, learning_rate, dsl_learning_rate=None):
-    from ..trainer import DiffusionDataCollator, DSLTrainer, DSLTrainingArguments
+def training_arguments(args, out_dir, objective, steps, learning_rate, dsl_learning_rate=None, named_recipe=None):
+    """The shared recipe, or a named `DSLTrainingArguments` recipe, which then sets the optimizer, schedule, EMA and
+    loss options that the shared recipe would otherwise fix."""
+    from ..trainer import DSLTrainingArguments
 
-    training_args = DSLTrainingArguments(
-        objective=objective, dsl_learning_rate=dsl_learning_rate, **recipe(args, out_dir, steps, learning_rate)
-    )
+    shared = recipe(args, out_dir, steps, learning_rate)
+    if named_recipe is not None:
+        for name in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm"):
+            del shared[name]
+    return DSLTrainingArguments(objective=objective, dsl_learning_rate=dsl_learning_rate, recipe=named_recipe, **shared)
+
+
+def train_model(args, model, rows, out_dir, objective, steps, learning_rate, dsl_learning_rate=None, named_recipe=None):
+    from ..trainer import DiffusionDataCollator, DSLTrainer
+
+    training_args = training_arguments(args, out_dir, objective, steps, learning_rate, dsl_learning_rate, named_recipe)
     trainer = DSLTrainer(
         model=model, args=training_args, train_dataset=rows["train"], eval_dataset=rows["validation"],
         data_collator=DiffusionDataCollator(),
@@ -390,9 +414,11 @@ def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
             args.finetune_steps,
             args.finetune_learning_rate,
             dsl_learning_rate=args.dsl_learning_rate if objective == "dsl" else None,
+            named_recipe="reference" if args.arm_recipe == "reference" else None,
         )
         cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach().cpu(), directions_before.cpu(), dim=-1)
         record.update(
+            recipe=args.arm_recipe,
             directions_mean_cosine_to_init=float(cosine.mean()),
             converter_beta=float(model.converter_beta.detach()),
         )

@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 
-from dsl_diffusion.evaluation.demo import DemoArguments, eos_fraction, headline_table, main, nfe_to_match, plan_cells, remdm_knobs
+from dsl_diffusion.evaluation.demo import (
+    DemoArguments, eos_fraction, headline_table, main, nfe_to_match, plan_cells, remdm_knobs, training_arguments,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,18 @@ def test_demo_rejects_bad_arguments():
         DemoArguments(preset="ci", secondary_step_budgets=[2])
     with pytest.raises(ValueError, match="ar_steps=0 must be >= 1"):
         DemoArguments(preset="ci", ar_steps=0)
+
+
+def test_arm_recipes(tmp_path):
+    with pytest.raises(ValueError, match=r"arm_recipe='adam' is not supported; accepted: \('cosine', 'reference'\)"):
+        DemoArguments(preset="ci", arm_recipe="adam")
+    cosine = DemoArguments(preset="ci", output_dir=str(tmp_path))
+    assert cosine.dsl_learning_rate == 1e-2
+    shared = training_arguments(cosine, str(tmp_path / "a"), "dsl", 10, 3e-4, cosine.dsl_learning_rate)
+    assert (shared.lr_scheduler_type, shared.learning_rate, shared.dsl_learning_rate) == ("cosine", 3e-4, 1e-2)
+    reference = DemoArguments(preset="ci", output_dir=str(tmp_path), arm_recipe="reference")
+    assert reference.dsl_learning_rate is None  # one AdamW group, as the authors' code
+    named = training_arguments(reference, str(tmp_path / "b"), "dsl", 10, 3e-4, None, named_recipe="reference")
+    assert (named.lr_scheduler_type, named.learning_rate, named.warmup_steps) == ("constant", 3e-4, 0)
+    assert (named.ema_decay, named.eos_in_loss, named.snr_path, named.dsl_learning_rate) == (0.999, "drop", "lognormal", None)
+    assert named.max_steps == 10 and named.per_device_train_batch_size == reference.batch_size
