@@ -67,6 +67,9 @@ class SamplerArguments:
     commit_rule: str | None = field(default=None, metadata={"help": "Hybrid: threshold or top_fraction."})
     commit_threshold: float | None = field(default=None, metadata={"help": "Hybrid: commit if max prob >= this."})
     commit_fraction: float | None = field(default=None, metadata={"help": "Hybrid: commit this fraction per row."})
+    commit_mode: str | None = field(
+        default=None, metadata={"help": "Hybrid: evidence (default), sample or argmax (see HybridConfig)."}
+    )
     discrete_strategy: str | None = field(default=None, metadata={"help": "Hybrid: mdlm, cap, rescale, conf or loop."})
     discrete_t_start: float | None = field(default=None, metadata={"help": "Hybrid: start time of the discrete phase."})
 

@@ -145,7 +145,8 @@ class DiffusionTextGenerationPipeline(Pipeline):
         sampler: "mdlm", "remdm" (or "remdm-cap" / "-rescale" / "-conf" / "-loop"), "dsl-sde", "hybrid", "roar".
         num_steps and every sampler knob (eta, strategy, t_on, t_off, alpha_on, top_p, temperature, use_cache,
             s_hi, snr_schedule, snr_min, snr_max, lognormal_mean, lognormal_std, continuous_steps,
-            snr_star, commit_rule, commit_threshold, commit_fraction, discrete_strategy, discrete_t_start, t_min).
+            snr_star, commit_rule, commit_threshold, commit_fraction, commit_mode, discrete_strategy, discrete_t_start,
+            t_min).
             Defaults come from the model's `diffusion_generation_config.json` (else
             `DiffusionGenerationConfig.published_defaults()`).
         max_length: total sequence length, prompt included (default: the model's `max_position_embeddings`).

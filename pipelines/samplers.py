@@ -45,6 +45,7 @@ logger = logging.get_logger(__name__)
 REMDM_STRATEGIES = ("cap", "rescale", "conf", "loop")
 SNR_SCHEDULES = ("log-linear", "log-normal", "linear")
 COMMIT_RULES = ("threshold", "top_fraction")
+COMMIT_MODES = ("evidence", "sample", "argmax")
 HYBRID_DISCRETE_STRATEGIES = ("mdlm",) + REMDM_STRATEGIES
 
 
@@ -528,9 +529,25 @@ class HybridConfig(SamplingConfig):
         snr_star: s*, the SNR reached by the continuous phase (> 0).
         snr_schedule, snr_min, lognormal_mean, lognormal_std: the SNR grid of the continuous phase (up to s*).
         commit_rule: "threshold" (commit the positions whose max probability is >= commit_threshold) or
-            "top_fraction" (commit the commit_fraction most confident positions of each row). Committed positions
-            take their argmax token (shown at s_hi), the others become `[MASK]`.
+            "top_fraction" (commit the commit_fraction most confident positions of each row).
         commit_threshold: in (0, 1]. commit_fraction: in [0, 1].
+        commit_mode: what the commit does with p(x | z) at the end of the continuous phase.
+            - "evidence" (default): a committed position draws its token from p(x_i | z) (temperature, nucleus),
+              and every uncommitted position keeps its noisy state z_j (SNR s*) as evidence for the discrete phase:
+              the network sees s_hi e_x at decoded tokens, z_j at still-masked positions that had evidence and 0 at
+              the others (a position remasked by ReMDM returns to 0). Every later draw is then from
+              p(x_j | decoded tokens, z), so the commit adds no bias: on an exact denoiser of a product law the
+              hybrid is exact up to the continuous phase's Euler error. Caveats: that error now reaches every
+              position (a coarse continuous phase is better forgotten: "sample"), and a network trained with one
+              SNR per sequence has not seen states mixing s_hi, s* and 0.
+            - "sample": the same draw; the uncommitted positions become `[MASK]` without evidence. Biased, because
+              the confidence rule picks positions by their z: being left uncommitted is evidence about the token
+              (e.g. that it is not the prior's favourite), which the discrete phase ignores when it draws it from
+              p(x_j | committed tokens). On a product law at T = 64 this bias is about as large as argmax's.
+            - "argmax": a committed position takes its most probable token (the original hybrid). Biased towards
+              each position's mode on top of the "sample" bias: a position committed at probability 0.9 on its
+              top token is that token every time, so samples are less diverse than the model. Neither bias
+              shrinks as the step budget grows.
         discrete_strategy: "mdlm" or a ReMDM strategy ("cap", "rescale", "conf", "loop") for the discrete phase.
         discrete_t_start: the time the discrete phase starts from (None = each row's fraction of masked positions,
             the time at which MDLM's forward process masks that fraction).
@@ -547,6 +564,7 @@ class HybridConfig(SamplingConfig):
     commit_rule: str = "threshold"
     commit_threshold: float = 0.9
     commit_fraction: float = 0.5
+    commit_mode: str = "evidence"
     discrete_strategy: str = "mdlm"
     discrete_t_start: float | None = None
     eta: float | None = None
@@ -573,6 +591,7 @@ class HybridConfig(SamplingConfig):
         _check_choice("commit_rule", self.commit_rule, COMMIT_RULES)
         _check_range("commit_threshold", self.commit_threshold, 0.0, 1.0, low_open=True)
         _check_range("commit_fraction", self.commit_fraction, 0.0, 1.0)
+        _check_choice("commit_mode", self.commit_mode, COMMIT_MODES)
         _check_choice("discrete_strategy", self.discrete_strategy, HYBRID_DISCRETE_STRATEGIES)
         if self.discrete_t_start is not None:
             _check_range("discrete_t_start", self.discrete_t_start, 0.0, 1.0, low_open=True)
@@ -1067,24 +1086,48 @@ class DSLSDESampler(DiffusionSampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class EvidenceDenoiser(Denoiser):
+    """The hybrid's discrete phase with the uncommitted positions' evidence kept (``commit_mode="evidence"``).
+
+    A token state is shown to the network as noisy states (`forward(noisy_states=...)`, the general path): s_hi e_x
+    at a token, the kept continuous state z_j at a `[MASK]` position not decoded since the commit, 0 at any other
+    `[MASK]`. Evidence is spent once its position is decoded: a position that ReMDM remasks later returns to z = 0,
+    like any remasked token. (For a DSL-trained model, s_hi e_x and 0 are exactly what `input_ids` would show.)
+    """
+
+    def __init__(self, model, attention_mask, evidence_states, evidence_positions, **kwargs):
+        super().__init__(model, attention_mask, **kwargs)
+        self.evidence_states = evidence_states
+        self.evidence_positions = evidence_positions.clone()
+
+    def _forward(self, input_ids=None, noisy_states=None):
+        if input_ids is not None:
+            noisy_states = self.states_with_evidence(input_ids)
+        return super()._forward(noisy_states=noisy_states)
+
+    def states_with_evidence(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.evidence_positions &= tokens == self.mask_token_id
+        states = self.tokens_to_states(tokens)
+        return torch.where(self.evidence_positions[..., None], self.evidence_states.to(states.dtype), states)
+
+
 class HybridSampler(DiffusionSampler):
     """Continuous then discrete (DSL paper, T = 48): the SDE for T_c steps up to SNR s*; commit the confident
-    positions to their argmax token (at s_hi) and the rest to `[MASK]`; finish with T_d = T - T_c discrete
-    MDLM / ReMDM steps started at each row's masked fraction. NFE = T_c + 1 (SDE and commit) + T_d (+ 1 if the
-    final noise removal is needed)."""
+    positions (a token drawn from p(x | z), or its argmax: `commit_mode`) and mask the rest (keeping their z as
+    evidence with `commit_mode="evidence"`); finish with T_d = T - T_c discrete MDLM / ReMDM steps started at each
+    row's masked fraction. NFE = T_c + 1 (SDE and commit) + T_d (+ 1 if the final noise removal is needed)."""
 
     name = "hybrid"
     config_class = HybridConfig
 
     def commit(self, state: ContinuousState, logits: torch.Tensor, mask_token_id: int) -> tuple[torch.Tensor, ...]:
-        """(tokens with the non-committed positions masked, psi) from p(x | z_{T_c})."""
+        """(tokens with the non-committed positions masked, psi) from p(x | z_{T_c}); psi is the committed token's
+        probability under the sampling distribution, 0 at the masked positions."""
         config = self.config
         where = state.generatable
-        best_probs = torch.zeros(where.shape, dtype=torch.float64, device=where.device)
-        best_tokens = torch.zeros_like(state.tokens)
         log_probs = sampling_log_probs(logits[where], config.temperature, config.top_p)
-        best_log_probs, best_tokens[where] = log_probs.max(dim=-1)
-        best_probs[where] = best_log_probs.exp()
+        best_probs = torch.zeros(where.shape, dtype=torch.float64, device=where.device)
+        best_probs[where] = log_probs.max(dim=-1).values.exp()
         if config.commit_rule == "threshold":
             committed = where & (best_probs >= config.commit_threshold)
         else:
@@ -1092,12 +1135,18 @@ class HybridSampler(DiffusionSampler):
             rank = ranking.argsort(dim=-1)  # rank of each position by confidence, 0 = most confident
             quota = (where.sum(dim=-1, keepdim=True) * config.commit_fraction).floor().long()
             committed = where & (rank < quota)
+        committed_log_probs = log_probs[committed[where]]
+        if config.commit_mode == "argmax":
+            committed_tokens = committed_log_probs.argmax(dim=-1)
+        else:
+            uniforms = state.noise.sample(committed, (committed_log_probs.shape[-1],))
+            committed_tokens = gumbel_argmax(committed_log_probs, uniforms)
         tokens = state.tokens.clone()
         tokens[where] = mask_token_id
-        tokens[committed] = best_tokens[committed]
+        tokens[committed] = committed_tokens
         confidences = state.confidences.clone()
         confidences[where] = 0.0
-        confidences[committed] = best_probs[committed]
+        confidences[committed] = committed_log_probs.gather(-1, committed_tokens[:, None]).squeeze(-1).exp()
         return tokens, confidences
 
     def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
@@ -1116,10 +1165,11 @@ class HybridSampler(DiffusionSampler):
                 s_hi=s_hi,
             )
         )
+        use_cache = config.use_cache and not getattr(model.config, "time_conditioning", False)
         denoiser = Denoiser(
             model,
             inputs.attention_mask,
-            use_cache=config.use_cache and not getattr(model.config, "time_conditioning", False),
+            use_cache=use_cache,
             synced_gpus=synced_gpus,
             s_hi=s_hi,
             endpoint_snr=config.s_hi,
@@ -1131,6 +1181,17 @@ class HybridSampler(DiffusionSampler):
             tokens, confidences = self.commit(continuous, logits, mask_token_id)
 
             generatable = inputs.generatable
+            discrete_denoiser = denoiser
+            if config.commit_mode == "evidence":
+                discrete_denoiser = EvidenceDenoiser(
+                    model,
+                    inputs.attention_mask,
+                    evidence_states=continuous.z,
+                    evidence_positions=generatable & (tokens == mask_token_id),
+                    s_hi=s_hi,
+                    use_cache=use_cache,
+                    synced_gpus=synced_gpus,
+                )
             if config.discrete_t_start is not None:
                 t_start = torch.full((tokens.shape[0],), config.discrete_t_start, dtype=torch.float64)
             else:
@@ -1147,8 +1208,9 @@ class HybridSampler(DiffusionSampler):
                 noise=noise,
                 mask_token_id=mask_token_id,
             )
-            state = discrete.denoise(state, denoiser, recorder, progress, step_offset=config.continuous_steps)
-        return state, denoiser.nfe
+            state = discrete.denoise(state, discrete_denoiser, recorder, progress, step_offset=config.continuous_steps)
+        nfe = denoiser.nfe + (discrete_denoiser.nfe if discrete_denoiser is not denoiser else 0)
+        return state, nfe
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ from torch import nn
 
 from dsl_diffusion.pipelines.samplers import (
     DSLSDESampler,
+    EvidenceDenoiser,
     HybridConfig,
     HybridSampler,
     MDLMConfig,
     MDLMSampler,
+    NoiseSource,
     ReMDMConfig,
     ReMDMSampler,
     ROARSampler,
@@ -328,8 +330,9 @@ def test_conditioning_reproduces_the_exact_conditional(markov, name, fixed):
         "mdlm": {"num_steps": 64},
         "remdm-cap": {"num_steps": 64, "eta": 0.5},
         "roar": {},
-        # commit nothing (threshold 1): the discrete phase then restarts from all-[MASK] and must be exact
-        "hybrid": {"num_steps": 66, "continuous_steps": 2, "commit_threshold": 1.0},
+        # commit nothing (threshold 1) and keep no evidence: the discrete phase restarts from all-[MASK] and must be
+        # exact (with evidence it would inherit the 2-step SDE's error at every position)
+        "hybrid": {"num_steps": 66, "continuous_steps": 2, "commit_threshold": 1.0, "commit_mode": "sample"},
     }[name]
     out = sample(get_sampler(name, **kwargs), markov, seed=3, input_ids=input_ids)
     for position, value in fixed.items():
@@ -462,13 +465,90 @@ def test_hybrid_commit_rules_by_hand():
     state = SimpleNamespace(
         tokens=torch.full((1, 4), 3), generatable=torch.ones(1, 4, dtype=torch.bool), confidences=torch.zeros(1, 4).double()
     )
-    tokens, confidences = HybridSampler(commit_threshold=0.9).commit(state, logits, mask_token_id=3)
+    tokens, confidences = HybridSampler(commit_threshold=0.9, commit_mode="argmax").commit(state, logits, mask_token_id=3)
     assert tokens.tolist() == [[0, 3, 1, 3]]
     assert torch.allclose(confidences, torch.tensor([[probs[0, 0], 0, probs[0, 2], 0]]).double())
-    tokens, _ = HybridSampler(commit_rule="top_fraction", commit_fraction=0.75).commit(state, logits, 3)
-    assert tokens.tolist() == [[0, 3, 1, 2]]  # the 3 most confident of 4 positions
-    tokens, _ = HybridSampler(commit_rule="top_fraction", commit_fraction=0.0).commit(state, logits, 3)
-    assert tokens.tolist() == [[3, 3, 3, 3]]
+    top_three = HybridSampler(commit_rule="top_fraction", commit_fraction=0.75, commit_mode="argmax")
+    assert top_three.commit(state, logits, 3)[0].tolist() == [[0, 3, 1, 2]]  # the 3 most confident of 4 positions
+    nothing = HybridSampler(commit_rule="top_fraction", commit_fraction=0.0, commit_mode="argmax")
+    assert nothing.commit(state, logits, 3)[0].tolist() == [[3, 3, 3, 3]]
+
+
+@pytest.mark.parametrize("commit_mode", ["evidence", "sample"])
+def test_hybrid_sampling_commit_draws_from_the_posterior_at_the_committed_positions(commit_mode):
+    """The same two positions in 20,000 rows: position 0 (max probability 0.92 >= 0.9) is committed with a token
+    drawn from p(x | z), whose frequencies pass a chi-square test, and psi is the drawn token's probability;
+    position 1 (max 0.5) stays masked. The argmax commit would put all the mass on token 0."""
+    probs = torch.tensor([[0.92, 0.05, 0.03], [0.5, 0.3, 0.2]], dtype=torch.float64)
+    rows = 20_000
+    logits = probs.log().float()[None].expand(rows, -1, -1)
+    state = SimpleNamespace(
+        tokens=torch.full((rows, 2), 3),
+        generatable=torch.ones(rows, 2, dtype=torch.bool),
+        confidences=torch.zeros(rows, 2, dtype=torch.float64),
+        noise=NoiseSource(torch.Generator().manual_seed(0), rows, torch.device("cpu")),
+    )
+    tokens, confidences = HybridSampler(commit_threshold=0.9, commit_mode=commit_mode).commit(state, logits, 3)
+    assert (tokens[:, 1] == 3).all() and (confidences[:, 1] == 0).all()
+    counts = torch.bincount(tokens[:, 0], minlength=3).double()
+    assert stats.chisquare(counts.numpy(), (probs[0] * rows).numpy()).pvalue > SIGNIFICANCE
+    torch.testing.assert_close(confidences[:, 0], probs[0][tokens[:, 0]].double(), rtol=1e-6, atol=1e-7)
+
+
+def test_evidence_denoiser_shows_tokens_kept_evidence_and_masks():
+    """Per position: s_hi e_x at a token, the kept z at a masked position with evidence, 0 at a masked position
+    without; evidence is spent once its position is decoded (a later remask shows 0), and a cached call reuses
+    the logits without a forward pass."""
+    seen = []
+
+    class Recorder(nn.Module):
+        config = SimpleNamespace(mask_token_id=4, vocab_size=4)
+        directions = F.normalize(torch.arange(1.0, 13.0).view(4, 3), dim=-1)
+
+        def forward(self, noisy_states=None, attention_mask=None, input_ids=None):
+            assert input_ids is None, "the evidence path feeds noisy states only"
+            seen.append(noisy_states.clone())
+            return SimpleNamespace(logits=torch.zeros(*noisy_states.shape[:2], 4))
+
+        def token_directions(self):
+            return self.directions
+
+    model = Recorder()
+    evidence = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0))
+    denoiser = EvidenceDenoiser(
+        model, None, evidence_states=evidence, evidence_positions=torch.tensor([[False, True, True, False]]),
+        s_hi=50.0, use_cache=True,
+    )
+    denoiser.from_tokens(torch.tensor([[2, 4, 4, 4]]))  # a token, two masked with evidence, one without
+    torch.testing.assert_close(seen[-1][0, 0], 50.0 * model.directions[2])
+    torch.testing.assert_close(seen[-1][0, 1:3], evidence[0, 1:3])
+    assert torch.equal(seen[-1][0, 3], torch.zeros(3))
+    denoiser.from_tokens(torch.tensor([[2, 1, 4, 4]]))  # position 1 decoded
+    torch.testing.assert_close(seen[-1][0, 1], 50.0 * model.directions[1])
+    denoiser.from_tokens(torch.tensor([[2, 4, 4, 4]]))  # position 1 remasked: its evidence is spent
+    assert torch.equal(seen[-1][0, 1], torch.zeros(3)) and torch.equal(seen[-1][0, 2], evidence[0, 2])
+    denoiser.from_tokens(torch.tensor([[2, 4, 4, 4]]))
+    assert denoiser.nfe == len(seen) == 3, "an unchanged state reuses the cached logits"
+
+
+def test_hybrid_evidence_commit_is_exact_on_a_product_law_and_the_others_are_biased(independent):
+    """T = 64 on the exact denoiser of the independent law, 20,000 samples, the default threshold commit at s* = 5
+    after 32 linear SDE steps (accurate enough that its Euler error stays below the test's resolution). Keeping the
+    uncommitted positions' evidence passes the chi-square test of the joint law; without it ("sample") or with
+    the argmax ("argmax") the commit is badly biased, because the confidence rule selects positions by their
+    noisy state. (At the default s* = 10 on a log-linear grid of 32 steps the SDE's own Euler error, total
+    variation ~0.03 whatever the commit, fails the test at this size.)"""
+    knobs = dict(num_steps=64, continuous_steps=32, snr_star=5.0, snr_schedule="linear", use_cache=True)
+    pvalues, distances = {}, {}
+    for commit_mode in ("evidence", "sample", "argmax"):
+        independent.calls = 0
+        out = sample(HybridSampler(commit_mode=commit_mode, **knobs), independent, seed=11, batch_size=20_000)
+        assert out.nfe == independent.calls
+        pvalues[commit_mode] = chi_square_pvalue(out.sequences, independent.target, 4)
+        distances[commit_mode] = total_variation(out.sequences, independent.target, 4)
+    assert pvalues["evidence"] > SIGNIFICANCE, (pvalues, distances)
+    assert pvalues["sample"] < 1e-10 and pvalues["argmax"] < 1e-10, (pvalues, distances)
+    assert distances["sample"] > 3 * distances["evidence"] and distances["argmax"] > 3 * distances["evidence"]
 
 
 def test_hybrid_nfe_and_trajectory(markov):
@@ -481,8 +561,7 @@ def test_hybrid_nfe_and_trajectory(markov):
 
 def test_hybrid_with_a_near_clean_commit_converges_as_the_continuous_phase_is_refined(independent):
     """Committing at s* = 100 with threshold 0.999 keeps the SDE's tokens, which converge as T_c grows; the few
-    uncommitted positions are finished by exact MDLM. (At a moderate s* the commit is a heuristic: whether a token
-    is committed depends on its value, a bias that does not vanish with T_c.)"""
+    uncommitted positions are finished by exact MDLM with their evidence."""
     distances = []
     for continuous_steps in (4, 16, 64):
         sampler = HybridSampler(num_steps=continuous_steps + 8, continuous_steps=continuous_steps, snr_star=100.0, commit_threshold=0.999)
@@ -632,6 +711,7 @@ INVALID = [
     (HybridConfig, {"commit_rule": "entropy"}, ValueError, r"commit_rule='entropy' .* 'threshold', 'top_fraction'"),
     (HybridConfig, {"commit_threshold": 0.0}, ValueError, r"commit_threshold=0.0"),
     (HybridConfig, {"commit_fraction": 1.2}, ValueError, r"commit_fraction=1.2"),
+    (HybridConfig, {"commit_mode": "mode"}, ValueError, r"commit_mode='mode' .* 'evidence', 'sample', 'argmax'"),
     (HybridConfig, {"discrete_strategy": "roar"}, ValueError, r"discrete_strategy='roar' .* 'mdlm'"),
     (HybridConfig, {"discrete_t_start": 0.0}, ValueError, r"discrete_t_start=0.0"),
     (HybridConfig, {"eta": 2.0}, ValueError, r"eta=2.0"),
