@@ -35,7 +35,16 @@ _EXPORTS = {
         "plot_reliability_diagrams",
     ],
     "self_correction": ["corrupt_tokens", "matched_evidence_snr", "SelfCorrectionResult", "evaluate_self_correction"],
-    "plots": ["Curve", "plot_metric_vs_nfe", "nfe_to_reach", "NFEComparison", "compare_curves", "curves_from_rows"],
+    "plots": [
+        "Curve",
+        "plot_metric_vs_nfe",
+        "nfe_to_reach",
+        "NFEComparison",
+        "NoiseFloor",
+        "compare_curves",
+        "curves_from_rows",
+        "measure_noise_floor",
+    ],
     "report": ["protocol_lines", "protocol_caption", "results_table", "render_markdown"],
     "sweep": ["SweepArguments", "run_sweep", "load_reference_texts"],
 }

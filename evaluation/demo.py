@@ -620,12 +620,14 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
         }
         results.append(row)
     plot_path, frechet_plot_path = plot_curves(args, results)
-    headline = nfe_to_match(results, args.seed)
+    noise_floors = metric_noise_floors(results)
+    headline = nfe_to_match(results, args.seed, noise_floors)
     report = {
         "preset": args.preset,
         "arguments": asdict(args),
         "results": results,
         "nfe_to_match_mdlm_remdm": headline,
+        "noise_floor": {metric: floor.to_dict() for metric, floor in noise_floors.items()},
         "plot": plot_path,
         "frechet_plot": frechet_plot_path,
         "reference": {
@@ -645,7 +647,7 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
-    table = markdown_table(results) + "\n" + headline_table(headline)
+    table = markdown_table(results) + "\n" + headline_table(headline, noise_floors)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     return report, table
@@ -709,31 +711,62 @@ def plot_curves(args, results: list[dict]) -> tuple[str, str]:
 HEADLINE_CANDIDATES = ("dsl+remdm", "dsl+hybrid", "dsl+dsl-sde")
 
 
-def nfe_to_match(results: list[dict], seed: int) -> dict:
+HEADLINE_METRICS = {"mauve": True, "frechet": False}  # metric: higher is better
+
+
+def metric_noise_floors(results: list[dict]) -> dict:
+    """Each headline metric's noise floor (`plots.NoiseFloor`): the seed-to-seed spread of the cells sampled with
+    several seeds (the `noise_floor_seeds` budget) and, for MAUVE, twice its largest k-means std."""
+    from .plots import measure_noise_floor
+
+    return {
+        metric: measure_noise_floor(
+            results, metric, cell_keys=("curve", "num_steps"), std_key="mauve_std" if metric == "mauve" else None
+        )
+        for metric in HEADLINE_METRICS
+    }
+
+
+def nfe_to_match(results: list[dict], seed: int, noise_floors: dict | None = None) -> dict:
     """The paper's headline measured here: for every T of MDLM+ReMDM (the baseline), the NFE each DSL sampler
     needs to reach the same MAUVE (and the same Frechet distance, a lower-variance reading of the same features),
-    interpolated in log-NFE between measured points and never extrapolated (see `plots.nfe_to_reach`)."""
+    interpolated in log-NFE between measured points and never extrapolated (see `plots.nfe_to_reach`). A ratio is
+    kept only where the two curves differ by more than the metric's noise floor (`metric_noise_floors`); the other
+    points say "no_separation"."""
     from .plots import compare_curves
 
+    noise_floors = noise_floors if noise_floors is not None else metric_noise_floors(results)
     headline = {}
-    for metric, higher_is_better in (("mauve", True), ("frechet", False)):
+    for metric, higher_is_better in HEADLINE_METRICS.items():
         curves = seed_curves(results, seed, metric)
         if "mdlm+remdm" not in curves:
             continue
+        floor = noise_floors[metric].value
         headline[metric] = {
-            candidate: [c.to_dict() for c in compare_curves(curves["mdlm+remdm"], curves[candidate], higher_is_better)]
+            candidate: [
+                c.to_dict()
+                for c in compare_curves(curves["mdlm+remdm"], curves[candidate], higher_is_better, noise_floor=floor)
+            ]
             for candidate in HEADLINE_CANDIDATES
             if candidate in curves
         }
     return headline
 
 
-def headline_table(headline: dict) -> str:
+def headline_table(headline: dict, noise_floors: dict | None = None) -> str:
+    from .report import noise_floor_sentence
+
     if not headline:
         return "(no MDLM+ReMDM curve in this run: no NFE-to-match table)\n"
     lines = [
         "NFE each DSL sampler needs to match MDLM+ReMDM (interpolated in log-NFE; '<=' = already matched at its "
-        "cheapest point, 'not reached' = not within its measured range):",
+        "cheapest point, 'not reached' = not within its measured range, 'no separation' = the two curves lie "
+        "within the metric's noise floor where the match is read, so no ratio is claimed).",
+    ]
+    for metric in headline:
+        floor = noise_floors.get(metric) if noise_floors else None
+        lines.append(f"{metric}: " + noise_floor_sentence(floor.to_dict() if floor is not None else None))
+    lines += [
         "",
         "| metric | MDLM+ReMDM NFE | MDLM+ReMDM value | " + " | ".join(headline.get("mauve", {})) + " |",
         "|---|---|---|" + "---|" * len(headline.get("mauve", {})),
@@ -744,7 +777,9 @@ def headline_table(headline: dict) -> str:
             cells = []
             for candidate in candidates:
                 point = per_candidate[candidate][i]
-                if point["status"] == "not_reached":
+                if point["status"] == "no_separation":
+                    cells.append("no separation")
+                elif point["status"] == "not_reached":
                     cells.append("not reached")
                 else:
                     bound = "<= " if point["status"] == "at_first_point" else ""

@@ -77,8 +77,24 @@ def render_markdown(report: dict) -> str:
             "## NFE needed to reach the baseline's MAUVE",
             "",
             f"Baseline `{comparison['baseline']}`, candidate `{comparison['candidate']}`: MAUVE interpolated linearly "
-            "in log-NFE between measured points; nothing is extrapolated.",
+            "in log-NFE between measured points; nothing is extrapolated. "
+            + noise_floor_sentence(comparison.get("noise_floor")),
             "",
         ]
         lines += [f"- {point['description']}" for point in comparison["points"]]
     return "\n".join(lines) + "\n"
+
+
+def noise_floor_sentence(floor: dict | None) -> str:
+    """How a table's noise floor was measured, for the line above it (a ``NoiseFloor.to_dict()``)."""
+    if not floor or not floor["measured"]:
+        return "The noise floor was not measured (one seed, no estimator spread): ratios are not checked against noise."
+    parts = []
+    if floor["seed_spread"] is not None:
+        parts.append(f"seed-to-seed spread {floor['seed_spread']:.4g}")
+    if floor["estimator_spread"] is not None:
+        parts.append(f"2 x the estimator's std (k-means seeds) {floor['estimator_spread']:.4g}")
+    return (
+        f"A ratio is given only where the two curves differ by more than the noise floor {floor['value']:.4g} "
+        f"(the larger of {' and '.join(parts)}); elsewhere: no separation."
+    )

@@ -52,7 +52,7 @@ from .metrics import (
     frechet_distance,
     load_judge,
 )
-from .plots import compare_curves, curves_from_rows, plot_metric_vs_nfe
+from .plots import compare_curves, curves_from_rows, measure_noise_floor, plot_metric_vs_nfe
 from .report import protocol_caption, render_markdown
 from .utils import atomic_write_json, atomic_write_text, read_json
 
@@ -511,11 +511,14 @@ def _write_reports(args: SweepArguments, report: dict) -> dict:
         missing = [label for label in (args.baseline, args.candidate) if label not in curves]
         if missing:
             raise ValueError(f"--baseline/--candidate curves {missing} not in the sweep; curves: {sorted(curves)}")
-        points = compare_curves(curves[args.baseline], curves[args.candidate])
+        # A sweep has one sampling seed per cell: its noise floor is the k-means spread of MAUVE.
+        floor = measure_noise_floor(rows, "mauve", cell_keys=("checkpoint", "sampler", "num_steps"), std_key="mauve_std")
+        points = compare_curves(curves[args.baseline], curves[args.candidate], noise_floor=floor.value)
         report["nfe_comparison"] = {
             "baseline": args.baseline,
             "candidate": args.candidate,
             "metric": "mauve",
+            "noise_floor": floor.to_dict(),
             "points": [{**point.to_dict(), "description": point.describe("MAUVE")} for point in points],
         }
     atomic_write_json(output_dir / "sweep_results.json", report)

@@ -8,7 +8,15 @@ import shutil
 import pytest
 
 from dsl_diffusion.evaluation.demo import (
-    DemoArguments, eos_fraction, headline_table, main, nfe_to_match, plan_cells, remdm_knobs, training_arguments,
+    DemoArguments,
+    eos_fraction,
+    headline_table,
+    main,
+    metric_noise_floors,
+    nfe_to_match,
+    plan_cells,
+    remdm_knobs,
+    training_arguments,
 )
 
 
@@ -69,7 +77,8 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
         for points in per_candidate.values():
             assert [p["baseline_nfe"] for p in points] == sorted(p["baseline_nfe"] for p in points)
             assert len(points) == len(args.step_budgets)
-            assert all(p["status"] in ("interpolated", "at_first_point", "not_reached") for p in points)
+            assert all(p["status"] in ("interpolated", "at_first_point", "not_reached", "no_separation") for p in points)
+    assert set(report["noise_floor"]) == {"mauve", "frechet"} and report["noise_floor"]["mauve"]["measured"]
     assert "NFE each DSL sampler needs to match MDLM+ReMDM" in (demo_dir / "results.md").read_text()
 
 
@@ -77,14 +86,17 @@ def test_eos_fraction_counts_every_position():
     assert eos_fraction([[0, 5, 6, 0], [0, 0, 0, 0]], eos_token_id=0) == pytest.approx(6 / 8)
 
 
-def _row(curve, nfe, mauve, frechet, seed=0):
-    return {"curve": curve, "nfe": nfe, "mauve": mauve, "frechet": frechet, "seed": seed}
+def _row(curve, nfe, mauve, frechet, seed=0, mauve_std=0.0):
+    return {
+        "curve": curve, "nfe": nfe, "num_steps": nfe, "mauve": mauve, "frechet": frechet, "seed": seed,
+        "mauve_std": mauve_std,
+    }
 
 
 def test_nfe_to_match_reads_the_headline_off_the_curves():
     rows = [_row("mdlm+remdm", n, m, f) for n, m, f in ((4, 0.1, 3.0), (8, 0.2, 2.0), (16, 0.3, 1.0))]
     rows += [_row("dsl+remdm", n, m, f) for n, m, f in ((4, 0.2, 2.5), (8, 0.3, 1.0), (16, 0.35, 0.5))]
-    rows += [_row("dsl+remdm", 8, 0.9, 0.1, seed=1)]  # a noise-floor seed never enters the curves
+    rows += [_row("dsl+remdm", 8, 0.31, 1.02, seed=1)]  # a noise-floor seed: it sets the floor, not the curves
     headline = nfe_to_match(rows, seed=0)
     mauve = headline["mauve"]["dsl+remdm"]
     assert [p["status"] for p in mauve] == ["at_first_point", "at_first_point", "interpolated"]
@@ -93,10 +105,41 @@ def test_nfe_to_match_reads_the_headline_off_the_curves():
     assert frechet[1]["status"] == "interpolated"
     assert frechet[1]["candidate_nfe"] == pytest.approx(4 * 2 ** ((2.5 - 2.0) / 1.5))
     assert frechet[2]["candidate_nfe"] == pytest.approx(8.0)
-    table = headline_table(headline)
+    assert [p["noise_floor"] for p in mauve] == pytest.approx([0.01] * 3)  # the seed-to-seed spread at NFE 8
+    floors = metric_noise_floors(rows)
+    table = headline_table(headline, floors)
     assert "| mauve | 16 | 0.3000 | 8.0 (2.00x) |" in table and "| mauve | 4 | 0.1000 | <= 4.0 (1.00x) |" in table
+    assert "mauve: A ratio is given only where the two curves differ by more than the noise floor 0.01 " in table
     worse = [dict(r, curve="dsl+remdm", mauve=r["mauve"] / 10) for r in rows if r["curve"] == "mdlm+remdm"]
     assert nfe_to_match(rows[:3] + worse, seed=0)["mauve"]["dsl+remdm"][0]["status"] == "not_reached"
+
+
+def test_headline_says_no_separation_when_the_curves_lie_within_their_noise_floor():
+    """The `make demo` case: every MAUVE at the floor of ~0.004, k-means std 0.001. A ratio read off such curves
+    ("<= 8.0 (8.00x)") is noise: the table must say "no separation". Frechet separates the same cells, so it keeps
+    its ratios; a candidate whose best value misses the baseline by less than the floor is not "not reached"."""
+    mauve_at_floor = {8: 0.0040, 16: 0.0041, 32: 0.0039, 64: 0.0042}
+    rows = [_row("mdlm+remdm", n, m, 3.0 - n / 32, mauve_std=0.001) for n, m in mauve_at_floor.items()]
+    rows += [_row("dsl+remdm", n, m + 0.0003, 2.5 - n / 32, mauve_std=0.001) for n, m in mauve_at_floor.items()]
+    rows += [_row("dsl+remdm", 8, 0.0043, 2.25, seed=1)]  # seed-to-seed: MAUVE 0.0003 apart, Frechet 0.0
+    headline = nfe_to_match(rows, seed=0)
+    assert [p["status"] for p in headline["mauve"]["dsl+remdm"]] == ["no_separation"] * 4
+    assert all(p["speedup"] is None for p in headline["mauve"]["dsl+remdm"])
+    frechet = headline["frechet"]["dsl+remdm"]  # 0.5 better at every NFE (floor 0: the two seeds agree)
+    assert [p["status"] for p in frechet] == ["at_first_point", "at_first_point", "interpolated", "interpolated"]
+    assert [p["speedup"] for p in frechet][2:] == pytest.approx([2.0, 64 / 32 / 2 ** 0.5])
+    table = headline_table(headline, metric_noise_floors(rows))
+    assert "| mauve | 64 | 0.0042 | no separation |" in table and "(8.00x)" not in table
+    assert "2 x the estimator's std (k-means seeds) 0.002" in table
+    # Without any measured noise the same flat curves would claim a ratio: the floor is what stops it.
+    unmeasured = [dict(row, mauve_std=None) for row in rows if row["seed"] == 0]
+    assert "no_separation" not in {p["status"] for p in nfe_to_match(unmeasured, seed=0)["mauve"]["dsl+remdm"]}
+    assert "The noise floor was not measured" in headline_table(nfe_to_match(unmeasured, 0), metric_noise_floors(unmeasured))
+
+    # A candidate that falls short of the baseline's best by less than the floor: no separation, not "not reached".
+    short = [_row("mdlm+remdm", 8, 0.10, 1.0, mauve_std=0.01), _row("mdlm+remdm", 16, 0.30, 1.0, mauve_std=0.01)]
+    short += [_row("dsl+remdm", 8, 0.05, 1.0), _row("dsl+remdm", 16, 0.29, 1.0)]
+    assert [p["status"] for p in nfe_to_match(short, 0)["mauve"]["dsl+remdm"]] == ["interpolated", "no_separation"]
 
 
 def test_demo_resumes_without_redoing_finished_stages(demo_dir):

@@ -15,6 +15,7 @@ from dsl_diffusion.evaluation import (
     SweepArguments,
     compare_curves,
     curves_from_rows,
+    measure_noise_floor,
     minilm_encoder_path,
     nfe_to_reach,
     plot_metric_vs_nfe,
@@ -63,6 +64,44 @@ def test_compare_curves_reports_speedups_and_unreached_points():
     assert points[1].speedup == pytest.approx(256 / expected_nfe)
     assert points[3].candidate_nfe is None and points[3].speedup is None
     assert "NOT reached" in points[3].describe() and "fewer" in points[1].describe()
+
+
+def test_compare_curves_claims_no_ratio_within_the_noise_floor():
+    """Known curves and a noise floor of 0.05: a match read where the two curves differ by less than the floor is
+    "no separation" (no ratio); where they differ by more it keeps its ratio, at any floor below that gap."""
+    baseline = Curve("mdlm", nfe=[8, 16, 32, 64], values=[0.10, 0.20, 0.30, 0.40])
+    close = Curve("dsl", nfe=[8, 16, 32, 64], values=[0.13, 0.23, 0.33, 0.43])  # 0.03 above: within 0.05
+    points = compare_curves(baseline, close, noise_floor=0.05)
+    assert [p.status for p in points] == ["no_separation"] * 4 and all(p.speedup is None for p in points)
+    assert "no separation" in points[1].describe() and points[1].noise_floor == 0.05
+    assert all(p.status != "no_separation" for p in compare_curves(baseline, close, noise_floor=0.02))
+    far = Curve("dsl", nfe=[8, 16, 32, 64], values=[0.20, 0.30, 0.40, 0.50])  # 0.10 above: one doubling ahead
+    points = compare_curves(baseline, far, noise_floor=0.05)
+    assert [p.status for p in points] == ["at_first_point", "at_first_point", "interpolated", "interpolated"]
+    assert points[3].speedup == pytest.approx(2.0)
+    # Lower is better: the same rule on the mirrored values.
+    mirrored = compare_curves(
+        Curve("mdlm", baseline.nfe, [-v for v in baseline.values]), Curve("dsl", far.nfe, [-v for v in far.values]),
+        higher_is_better=False, noise_floor=0.05,
+    )
+    assert [p.status for p in mirrored] == [p.status for p in points]
+    with pytest.raises(ValueError, match=r"noise_floor=-0.1 must be a finite number >= 0"):
+        compare_curves(baseline, far, noise_floor=-0.1)
+    assert baseline.value_at(4) == 0.10 and baseline.value_at(128) == 0.40
+    assert baseline.value_at(math.sqrt(8 * 16)) == pytest.approx(0.15)
+
+
+def test_measure_noise_floor_takes_the_larger_of_seed_and_estimator_spread():
+    rows = [
+        {"sampler": "a", "num_steps": 8, "seed": 0, "mauve": 0.30, "mauve_std": 0.01},
+        {"sampler": "a", "num_steps": 8, "seed": 1, "mauve": 0.36, "mauve_std": 0.02},
+        {"sampler": "a", "num_steps": 16, "seed": 0, "mauve": 0.50, "mauve_std": 0.01},
+    ]
+    floor = measure_noise_floor(rows, "mauve", cell_keys=("sampler", "num_steps"), std_key="mauve_std")
+    assert floor.seed_spread == pytest.approx(0.06) and floor.estimator_spread == pytest.approx(0.04)
+    assert floor.value == pytest.approx(0.06) and floor.measured
+    single = measure_noise_floor(rows[:1], "mauve", cell_keys=("sampler", "num_steps"))
+    assert (single.value, single.seed_spread, single.estimator_spread, single.measured) == (0.0, None, None, False)
 
 
 def test_plot_and_curves_from_rows(tmp_path):
