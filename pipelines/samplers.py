@@ -1092,7 +1092,7 @@ class EvidenceDenoiser(Denoiser):
     A token state is shown to the network as noisy states (`forward(noisy_states=...)`, the general path): s_hi e_x
     at a token, the kept continuous state z_j at a `[MASK]` position not decoded since the commit, 0 at any other
     `[MASK]`. Evidence is spent once its position is decoded: a position that ReMDM remasks later returns to z = 0,
-    like any remasked token. (For a DSL-trained model, s_hi e_x and 0 are exactly what `input_ids` would show.)
+    like any remasked token. (s_hi e_x and 0 are what `input_ids` shows a model with `endpoint_inputs="converter"`.)
     """
 
     def __init__(self, model, attention_mask, evidence_states, evidence_positions, **kwargs):
