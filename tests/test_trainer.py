@@ -316,7 +316,9 @@ DISCRETE_SAMPLERS = {
     "remdm-cap": dict(num_steps=4),
     "remdm-loop": dict(num_steps=8),
     "roar": {},
-    "hybrid": dict(num_steps=4, commit_rule="top_fraction", commit_fraction=0.0),  # commits nothing: all masked
+    # commits nothing and keeps no evidence: the discrete phase starts all-masked through input_ids (the default
+    # commit_mode="evidence" shows the network noisy states instead: see test_samplers' EvidenceDenoiser test)
+    "hybrid": dict(num_steps=4, commit_rule="top_fraction", commit_fraction=0.0, commit_mode="sample"),
 }
 
 
