@@ -1,0 +1,637 @@
+"""The known-law benchmark: does DSL+ReMDM match MDLM+ReMDM with fewer denoiser calls, on a law whose answer is known?
+
+    python -m benchmarks.known_law.run --output_dir outputs/known-law            # the full run (~50 min, 2 CPU cores)
+    python -m benchmarks.known_law.run --preset ci --output_dir /tmp/kl          # the CI size (seconds)
+
+Stages (each writes under --output_dir and is skipped once its `done.json` exists, so an interrupted run resumes;
+training stages also checkpoint every --save_steps):
+
+1. law       - the sticky sparse HMM (`law.py`), its entropy per token by a high-precision Monte Carlo of the exact
+               -log p, its exact pair law, and the bigram-KL floor of fresh TRUE samples of the cell size;
+2. pretrain  - an MDLM (`DSLForMaskedDiffusion` + `DSLTrainer`, objective "mdlm") on fresh law samples;
+3. arms      - equal tokens from the pretrained weights: "mdlm" continued; "dsl" with the reference recipe (one AdamW
+               rate, constant 3e-4, EMA 0.999); "dsl-group" with E, beta and b at a higher rate; optionally
+               "dsl-group-w" (the same with W in the group); each arm's ROAR NLL on fresh law samples;
+4. samples   - every (arm, sampler, T, seed) cell draws `samples_per_cell` sequences with the library's samplers;
+               each cell is scored under the law at once (`metrics.py`) and written to its own file;
+5. report    - results.json, results.md, nll_excess_vs_nfe.png, bigram_kl_vs_nfe.png and the headline
+               "NFE DSL+ReMDM needs to match MDLM+ReMDM", with the seed-to-seed noise floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from .law import FixedRows, HiddenMarkovLaw, HMMLawConfig, LawSampleStream, build_law
+from .metrics import bigram_kl, nll_scores, nfe_to_match, score_samples
+
+
+logger = logging.getLogger("known_law")
+
+# The arms: objective and the parameter group of each. Every arm shares the reference recipe (AdamW, constant rate,
+# no warm-up, EMA 0.999, clip 1.0); only the group below differs. Set explicitly, so that the benchmark does not move
+# when the trainer's defaults do.
+DSL_GROUP_PATTERNS = ["token_directions", "converter_beta", "converter_bias"]  # E, beta, b
+ARMS = {
+    "mdlm": dict(objective="mdlm", patterns=None, group_rate=None),
+    "dsl": dict(objective="dsl", patterns=None, group_rate=None),  # one rate for everything (the reference)
+    "dsl-group": dict(objective="dsl", patterns=DSL_GROUP_PATTERNS, group_rate="dsl_group_learning_rate"),
+    "dsl-group-w": dict(
+        objective="dsl", patterns=DSL_GROUP_PATTERNS + ["vocab_embed.embedding"], group_rate="dsl_group_learning_rate"
+    ),
+}
+HEADLINE_BASELINE = ("mdlm", "remdm")
+HEADLINE_CANDIDATE = ("dsl", "remdm")
+
+PRESETS = {
+    "ci": dict(
+        vocab_size=12, num_states=4, tokens_per_state=5, successors_per_state=2, initial_states=2, length=8,
+        entropy_samples=4000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, embed_dim=8, cond_dim=16,
+        batch_size=16, pretrain_steps=12, finetune_steps=6, save_steps=5, step_budgets=[2, 8], samples_per_cell=64,
+        sampling_batch_size=32, seeds=[0, 1], secondary_seeds=[0], roar_eval_samples=64,
+        arms=["mdlm", "dsl", "dsl-group"],
+    ),
+    "full": dict(
+        vocab_size=64, num_states=16, tokens_per_state=16, successors_per_state=3, initial_states=4, length=32,
+        entropy_samples=200_000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, embed_dim=32,
+        cond_dim=64, batch_size=64, pretrain_steps=3000, finetune_steps=1000, save_steps=500,
+        step_budgets=[2, 4, 8, 16, 32], samples_per_cell=2000, sampling_batch_size=1000, seeds=[0, 1],
+        secondary_seeds=[0], roar_eval_samples=8192, arms=["mdlm", "dsl", "dsl-group"],
+    ),
+}
+LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (as in the demo)
+
+
+@dataclass
+class KnownLawArguments:
+    output_dir: str = field(default="outputs/known-law", metadata={"help": "Where every stage writes (resumable)."})
+    preset: str = field(default="full", metadata={"help": f"One of {sorted(PRESETS)}; the fields below override it."})
+    # --- the law
+    vocab_size: int | None = field(default=None, metadata={"help": "Tokens V of the law."})
+    num_states: int | None = field(default=None, metadata={"help": "Hidden states K."})
+    tokens_per_state: int | None = field(default=None, metadata={"help": "Tokens each state can emit (sparsity)."})
+    successors_per_state: int | None = field(default=None, metadata={"help": "States each state can move to."})
+    stay_probability: float = field(default=0.85, metadata={"help": "P(h_t+1 = h_t): how sticky the hidden state is."})
+    initial_states: int | None = field(default=None, metadata={"help": "States a sequence can start in."})
+    emission_concentration: float = field(default=1.0, metadata={"help": "Dirichlet concentration of emissions."})
+    law_seed: int = field(default=1234, metadata={"help": "Seed of the law's random parameters."})
+    length: int | None = field(default=None, metadata={"help": "Sequence length L."})
+    entropy_samples: int | None = field(default=None, metadata={"help": "Law samples of the entropy Monte Carlo."})
+    # --- the denoiser
+    hidden_size: int | None = field(default=None, metadata={"help": "Width."})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "Depth."})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Heads."})
+    embed_dim: int | None = field(default=None, metadata={"help": "DSL noisy-state dimension d."})
+    cond_dim: int | None = field(default=None, metadata={"help": "adaLN conditioning width."})
+    # --- training
+    batch_size: int | None = field(default=None, metadata={"help": "Rows per optimizer step (every stage)."})
+    pretrain_steps: int | None = field(default=None, metadata={"help": "MDLM pretraining steps."})
+    pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Peak rate of pretraining (cosine)."})
+    finetune_steps: int | None = field(default=None, metadata={"help": "Steps of each arm (equal tokens)."})
+    finetune_learning_rate: float = field(default=3e-4, metadata={"help": "Constant rate of every arm (reference)."})
+    dsl_group_learning_rate: float = field(
+        default=3e-3, metadata={"help": "Rate of E, beta, b (and W in dsl-group-w) in the dsl-group arms."}
+    )
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of every arm (reference: 0.999)."})
+    rho: float = field(default=0.25, metadata={"help": "ROAR share of the DSL arms' mixture path."})
+    lognormal_mu: float = field(default=2.69, metadata={"help": "Mean log SNR of the DSL arms' log-normal part."})
+    lognormal_sigma: float = field(default=1.41, metadata={"help": "Std of log SNR of the DSL arms' log-normal part."})
+    arms: list[str] | None = field(default=None, metadata={"help": f"Arms to fine-tune, from {sorted(ARMS)}."})
+    save_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps (0 = never)."})
+    # --- sampling
+    step_budgets: list[int] | None = field(default=None, metadata={"help": "Step budgets T (a doubling grid up to L)."})
+    samples_per_cell: int | None = field(default=None, metadata={"help": "Samples per cell (>= 2,000 for the real run)."})
+    sampling_batch_size: int | None = field(default=None, metadata={"help": "Rows per sampler call."})
+    seeds: list[int] | None = field(default=None, metadata={"help": "Sampling seeds of the headline pair (and dsl-group)."})
+    secondary_seeds: list[int] | None = field(
+        default=None, metadata={"help": "Sampling seeds of the other samplers (MDLM, DSL-SDE, hybrid, ROAR)."}
+    )
+    secondary_step_budgets: list[int] | None = field(
+        default=None, metadata={"help": "Budgets of the secondary samplers (default: every budget)."}
+    )
+    roar_eval_samples: int | None = field(default=None, metadata={"help": "Fresh law rows of each arm's ROAR NLL."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialization and the training streams."})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not supported; accepted: {sorted(PRESETS)}.")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        unknown = set(self.arms) - set(ARMS)
+        if unknown or "mdlm" not in self.arms or "dsl" not in self.arms:
+            raise ValueError(f"arms={self.arms} must hold 'mdlm' and 'dsl' and come from {sorted(ARMS)}.")
+        if any(t < 1 or t > self.length for t in self.step_budgets):
+            raise ValueError(f"step_budgets={self.step_budgets} must lie in [1, L = {self.length}].")
+        if self.secondary_step_budgets is None:
+            self.secondary_step_budgets = list(self.step_budgets)
+
+    def law_config(self) -> HMMLawConfig:
+        names = {f.name for f in fields(HMMLawConfig)}
+        return HMMLawConfig(**{name: getattr(self, name) for name in names})
+
+
+class Stage:
+    """A resumable stage: its folder holds `done.json` once everything in it is written."""
+
+    def __init__(self, root: str, name: str):
+        self.name, self.path = name, os.path.join(root, name)
+        os.makedirs(self.path, exist_ok=True)
+
+    @property
+    def done(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, "done.json"))
+
+    def finish(self, record: dict) -> dict:
+        write_json(os.path.join(self.path, "done.json"), record)
+        return record
+
+    def record(self) -> dict:
+        with open(os.path.join(self.path, "done.json")) as f:
+            return json.load(f)
+
+
+def write_json(path: str, payload) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. the law
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stage_law(args) -> tuple[HiddenMarkovLaw, dict]:
+    stage = Stage(args.output_dir, "law")
+    tensors_path = os.path.join(stage.path, "law.pt")
+    if stage.done:
+        tensors = torch.load(tensors_path)
+        return HiddenMarkovLaw(**tensors), stage.record()
+    law = build_law(args.law_config())
+    torch.save({"initial": law.initial, "transition": law.transition, "emission": law.emission}, tensors_path)
+    start = time.perf_counter()
+    entropy = law.monte_carlo_entropy(args.length, args.entropy_samples, torch.Generator().manual_seed(10_000 + args.seed))
+    exact_pairs = law.bigram_marginal(args.length)
+    # The plug-in bigram KL of TRUE samples of the cell size: the floor every sampler's KL is read against.
+    floors = []
+    for seed in args.seeds:
+        truth = law.sample(args.samples_per_cell, args.length, torch.Generator().manual_seed(20_000 + seed))
+        floors.append({"seed": seed, **nll_scores(law, truth, entropy["entropy_per_token"]), **bigram_kl(truth, exact_pairs)})
+    record = {
+        "config": asdict(args.law_config()),
+        "length": args.length,
+        "entropy": entropy,
+        "describe": law.describe(),
+        "true_sample_floor": floors,
+        "seconds": time.perf_counter() - start,
+    }
+    logger.info("law: entropy %.4f +- %.4f nats/token", entropy["entropy_per_token"], entropy["standard_error"])
+    return law, stage.finish(record)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2-3. training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_arguments(args, out_dir: str, steps: int, **overrides):
+    from dsl_diffusion.trainer import DSLTrainingArguments
+
+    base = dict(
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=args.batch_size, weight_decay=0.0,
+        max_grad_norm=1.0, logging_steps=max(1, steps // 20), report_to=[], eval_strategy="no", seed=args.seed,
+        data_seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, save_total_limit=1,
+        eval_roar_nll=False, eval_mdlm_nelbo=False, disable_tqdm=False,
+    )
+    base.update(overrides)
+    return DSLTrainingArguments(**base)
+
+
+def train(args, model, training_args, stream_seed: int) -> dict:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from dsl_diffusion.trainer import DiffusionDataCollator, DSLTrainer
+
+    law = HiddenMarkovLaw(**torch.load(os.path.join(args.output_dir, "law", "law.pt")))
+    trainer = DSLTrainer(
+        model=model, args=training_args, train_dataset=LawSampleStream(law, args.length, seed=stream_seed),
+        data_collator=DiffusionDataCollator(),
+    )
+    checkpoint = get_last_checkpoint(training_args.output_dir) if args.save_steps else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    trainer.save_model(training_args.output_dir)  # with the EMA weights when EMA is on (ema_export)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "train_seconds": seconds,
+        "steps": training_args.max_steps,
+        "tokens": training_args.max_steps * args.batch_size * args.length,
+        "resumed_from_checkpoint": checkpoint and os.path.basename(checkpoint),
+        "final_train_loss": result.training_loss if not losses else losses[-1],
+        "loss_history": losses,
+        "grad_norm_history": [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry],
+    }
+
+
+def stage_pretrain(args, roar_rows: torch.LongTensor) -> Stage:
+    from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+
+    stage = Stage(args.output_dir, "pretrain")
+    if stage.done:
+        return stage
+    torch.manual_seed(args.seed)
+    config = DSLConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads, cond_dim=args.cond_dim, max_position_embeddings=args.length,
+        embed_dim=args.embed_dim, dropout=0.0,
+    )
+    model = DSLForMaskedDiffusion(config)
+    training_args = training_arguments(
+        args, stage.path, args.pretrain_steps, objective="mdlm", learning_rate=args.pretrain_learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=min(100, args.pretrain_steps // 10), ema_decay=0.0,
+    )
+    record = train(args, model, training_args, stream_seed=100 + args.seed)
+    record["parameters_m"] = model.num_parameters() / 1e6
+    model = DSLForMaskedDiffusion.from_pretrained(stage.path).eval()
+    record.update(**endpoint_diagnostics(model, pretrained_law(args), args.length), roar_nll=roar_likelihood(args, model, roar_rows))
+    stage.finish(record)
+    return stage
+
+
+def arm_training_arguments(args, arm: str, out_dir: str):
+    spec = ARMS[arm]
+    overrides = dict(
+        objective=spec["objective"], learning_rate=args.finetune_learning_rate, lr_scheduler_type="constant",
+        warmup_steps=0, ema_decay=args.ema_decay,
+    )
+    if spec["objective"] == "dsl":
+        overrides.update(snr_path="mixture", rho=args.rho, lognormal_mu=args.lognormal_mu,
+                         lognormal_sigma=args.lognormal_sigma, roar_lambda=0.0)
+    if spec["patterns"] is None:
+        # One rate for every parameter: AdamW is per-parameter, so equal rates and zero decay make it one group.
+        overrides.update(dsl_learning_rate=args.finetune_learning_rate)
+    else:
+        overrides.update(dsl_parameter_patterns=spec["patterns"], dsl_learning_rate=getattr(args, spec["group_rate"]))
+    return training_arguments(args, out_dir, args.finetune_steps, **overrides)
+
+
+def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) -> Stage:
+    from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+
+    stage = Stage(args.output_dir, f"arm-{arm}")
+    if stage.done:
+        return stage
+    torch.manual_seed(args.seed)
+    model = DSLForMaskedDiffusion.from_pretrained(pretrained.path)
+    before = {"directions": model.token_directions().detach().clone(), "bias": model.converter_bias.detach().clone()}
+    training_args = arm_training_arguments(args, arm, stage.path)
+    # Every arm reads the same fresh stream: equal tokens, and the same ones.
+    record = train(args, model, training_args, stream_seed=200 + args.seed)
+    model = DSLForMaskedDiffusion.from_pretrained(stage.path).eval()  # the exported (EMA) weights
+    cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach(), before["directions"], dim=-1)
+    record.update(
+        arm=arm,
+        recipe={k: getattr(training_args, k) for k in (
+            "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "dsl_learning_rate",
+            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "roar_lambda",
+            "max_grad_norm", "per_device_train_batch_size")},
+        endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before issue 10 part 1)"),
+        directions_mean_cosine_to_init=float(cosine.mean()),
+        converter_beta=float(model.converter_beta),
+        converter_bias_max_change=float((model.converter_bias.detach() - before["bias"]).abs().max()),
+        **endpoint_diagnostics(model, pretrained_law(args), args.length),
+        roar_nll=roar_likelihood(args, model, roar_rows),
+    )
+    stage.finish(record)
+    return stage
+
+
+def pretrained_law(args) -> HiddenMarkovLaw:
+    return HiddenMarkovLaw(**torch.load(os.path.join(args.output_dir, "law", "law.pt")))
+
+
+@torch.no_grad()
+def endpoint_diagnostics(model, law: HiddenMarkovLaw, length: int) -> dict:
+    """How the model reads the all-masked state every discrete sampler starts from, against the exact answer: the
+    total variation between its per-position predictions and the law's exact per-position marginals (0 for a perfect
+    denoiser), and the converter's mask-slot weight at z = 0."""
+    ids = torch.full((1, length), model.config.mask_token_id)
+    predicted = model(input_ids=ids).logits.double().softmax(-1)[0]
+    exact = law.state_marginals(length) @ law.emission
+    total_variation = 0.5 * (predicted - exact).abs().sum(-1)
+    impossible_first = float(predicted[0][law.first_token_marginal() == 0].sum())
+    return {
+        "all_masked_marginal_tv_mean": float(total_variation.mean()),
+        "all_masked_first_token_impossible_mass": impossible_first,
+        "converter_mask_slot_weight_at_z0": float(model.converter_bias.double().softmax(-1)[-1]),
+    }
+
+
+def roar_likelihood(args, model, rows: torch.LongTensor) -> dict:
+    """The model's own ROAR NLL (exact any-order AR likelihood in expectation) on fresh law rows, through the
+    model's default discrete path, with the standard error over rows."""
+    from dsl_diffusion.trainer.losses import roar_nll
+
+    generator = torch.Generator().manual_seed(30_000 + args.seed)
+    per_row = []
+    with torch.no_grad():
+        for batch in rows.split(512):
+            out = roar_nll(model, batch, None, generator=generator)
+            per_row.append(out.nll_sum / out.num_tokens)  # a batch mean; rows have equal length
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in per_row])
+    return {
+        "nll_per_token": float(values.mean()),
+        "standard_error": float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None,
+        "num_rows": len(rows),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def remdm_knobs(num_steps: int, length: int) -> dict:
+    """The published ReMDM settings scaled to L: "loop" (eta 0.02) for T >= L, "cap" (eta 0.04) below."""
+    if num_steps >= length and num_steps >= LOOP_MIN_STEPS:
+        return {"strategy": "loop", "eta": 0.02, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9}
+    return {"strategy": "cap", "eta": 0.04}
+
+
+def plan_cells(args) -> list[dict]:
+    """Headline pair (and the other DSL arms' ReMDM) at every budget and every seed; the secondary samplers at the
+    secondary budgets and seeds; ROAR (NFE = L) once per arm and secondary seed."""
+    cells = []
+    dsl_arms = [arm for arm in args.arms if ARMS[arm]["objective"] == "dsl"]
+    for steps in args.step_budgets:
+        for seed in args.seeds:
+            for arm in ["mdlm"] + dsl_arms:
+                cells.append(dict(arm=arm, sampler="remdm", num_steps=steps, seed=seed, knobs=remdm_knobs(steps, args.length)))
+        if steps in args.secondary_step_budgets:
+            for seed in args.secondary_seeds:
+                cells.append(dict(arm="mdlm", sampler="mdlm", num_steps=steps, seed=seed, knobs={}))
+                cells.append(dict(arm="dsl", sampler="dsl-sde", num_steps=steps, seed=seed, knobs={"snr_schedule": "log-linear"}))
+                if steps >= 2:  # one continuous and one discrete step at least
+                    cells.append(dict(arm="dsl", sampler="hybrid", num_steps=steps, seed=seed, knobs={}))
+    for seed in args.secondary_seeds:
+        for arm in ("mdlm", "dsl"):
+            cells.append(dict(arm=arm, sampler="roar", num_steps=args.length, seed=seed, knobs={}))
+    for cell in cells:
+        label = cell["sampler"] + ("-" + cell["knobs"]["strategy"] if "strategy" in cell["knobs"] else "")
+        cell["name"] = f"{cell['arm']}+{label}@T{cell['num_steps']}#seed{cell['seed']}"
+    return cells
+
+
+def draw_cell(args, model, cell: dict) -> tuple[torch.LongTensor, float]:
+    from dsl_diffusion.pipelines.samplers import get_sampler
+
+    knobs = dict(cell["knobs"])
+    if cell["sampler"] != "roar":  # ROAR takes one step per position
+        knobs["num_steps"] = cell["num_steps"]
+    if cell["sampler"] != "dsl-sde":
+        knobs["top_p"] = 1.0  # no truncation: the samplers are judged against the law itself
+    sampler = get_sampler(cell["sampler"], **knobs)
+    generator = torch.Generator().manual_seed(cell["seed"])
+    sequences, nfe = [], []
+    remaining = args.samples_per_cell
+    while remaining > 0:
+        size = min(args.sampling_batch_size, remaining)
+        out = sampler.run(model, batch_size=size, seq_len=args.length, generator=generator, progress_bar=False)
+        sequences.append(out.sequences.cpu())
+        nfe.append(float(out.nfe))
+        remaining -= size
+    return torch.cat(sequences), sum(nfe) / len(nfe)
+
+
+def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
+    from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+
+    stage = Stage(args.output_dir, "samples")
+    if stage.done:
+        return stage
+    entropy = law_record["entropy"]["entropy_per_token"]
+    exact_pairs = law.bigram_marginal(args.length)
+    models = {}
+    cells = plan_cells(args)
+    for cell in tqdm(cells, desc="sampling cells"):
+        path = os.path.join(stage.path, cell["name"] + ".json")
+        if os.path.isfile(path):
+            continue
+        if cell["arm"] not in models:
+            models[cell["arm"]] = DSLForMaskedDiffusion.from_pretrained(os.path.join(args.output_dir, f"arm-{cell['arm']}")).eval()
+        start = time.perf_counter()
+        tokens, nfe = draw_cell(args, models[cell["arm"]], cell)
+        seconds = time.perf_counter() - start
+        if (tokens >= args.vocab_size).any():
+            raise RuntimeError(f"{cell['name']} left [MASK] in its output")
+        torch.save(tokens.to(torch.int16), os.path.join(stage.path, cell["name"] + ".pt"))
+        record = {**cell, "nfe": nfe, "seconds": seconds, **score_samples(law, tokens, entropy, exact_pairs)}
+        write_json(path, record)
+        logger.info("%-36s NFE %5.1f  %5.1f s  excess %s  impossible %.3f  KL %s", cell["name"], nfe, seconds,
+                    _fmt(record["nll_excess_mean"]), record["impossible_share"], _fmt(record["bigram_kl"]))
+    stage.finish({"cells": [cell["name"] for cell in cells]})
+    return stage
+
+
+def _fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_cells(args) -> list[dict]:
+    folder = os.path.join(args.output_dir, "samples")
+    rows = []
+    for cell in plan_cells(args):
+        with open(os.path.join(folder, cell["name"] + ".json")) as f:
+            rows.append(json.load(f))
+    return rows
+
+
+def curve_label(row: dict) -> str:
+    return f"{row['arm']} / {row['sampler']}"
+
+
+def seed_mean_rows(rows: list[dict], metric: str) -> list[dict]:
+    """One row per (arm, sampler, T): the metric averaged over seeds (NFE too: cached samplers vary)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get(metric) is not None:
+            groups.setdefault((row["arm"], row["sampler"], row["num_steps"]), []).append(row)
+    return [
+        {"arm": arm, "sampler": sampler, "num_steps": steps, "nfe": sum(r["nfe"] for r in group) / len(group),
+         metric: sum(r[metric] for r in group) / len(group)}
+        for (arm, sampler, steps), group in groups.items()
+    ]
+
+
+def plot(args, rows: list[dict], law_record: dict) -> list[str]:
+    from dsl_diffusion.evaluation.plots import curves_from_rows, plot_metric_vs_nfe
+
+    caption = (f"sticky sparse HMM V={args.vocab_size}, K={args.num_states}, L={args.length}; {args.samples_per_cell} "
+               f"samples/cell, mean over seeds {args.seeds} (headline) / {args.secondary_seeds}; top_p=1")
+    floor = sum(f["bigram_kl"] for f in law_record["true_sample_floor"]) / len(law_record["true_sample_floor"])
+    paths = []
+    for metric, name, file, log_y in (
+        ("nll_excess_mean", "true-law NLL/token minus entropy (possible samples), nats", "nll_excess_vs_nfe.png", False),
+        ("bigram_kl", f"bigram KL to the exact law (true-sample floor {floor:.4f})", "bigram_kl_vs_nfe.png", True),
+        ("impossible_share", "share of impossible samples (p(x) = 0)", "impossible_share_vs_nfe.png", False),
+    ):
+        curves = curves_from_rows(seed_mean_rows(rows, metric), metric, group_keys=("arm", "sampler"))
+        curves = [c for c in curves if len(c.nfe) > 1 or "roar" in c.label]
+        paths.append(str(plot_metric_vs_nfe(curves, os.path.join(args.output_dir, file), name,
+                                            title="Known-law benchmark", log_y=log_y, caption=caption)))
+    return paths
+
+
+def headline(args, rows: list[dict]) -> dict:
+    def pick(arm, sampler):
+        return [r for r in rows if r["arm"] == arm and r["sampler"] == sampler]
+
+    out = {}
+    candidates = [arm for arm in args.arms if ARMS[arm]["objective"] == "dsl"]
+    for arm in candidates:
+        out[arm] = {
+            metric: nfe_to_match(pick(*HEADLINE_BASELINE), pick(arm, "remdm"), metric, error_key)
+            for metric, error_key in (("nll_excess_mean", "nll_standard_error"), ("bigram_kl", None),
+                                      ("impossible_share", None))
+        }
+    return out
+
+
+def markdown(args, rows: list[dict], law_record: dict, arms: dict, heads: dict) -> str:
+    entropy = law_record["entropy"]
+    lines = [
+        "# Known-law benchmark",
+        "",
+        f"Law: sticky sparse HMM, V = {args.vocab_size}, K = {args.num_states} hidden states, {args.tokens_per_state} "
+        f"tokens per state, {args.successors_per_state} successors, stay {args.stay_probability}, L = {args.length}. "
+        f"Entropy H(X_1..L)/L = **{entropy['entropy_per_token']:.4f} ± {entropy['standard_error']:.4f}** nats/token "
+        f"({entropy['method']}, {entropy['num_sequences']:,} sequences).",
+        "",
+        "True-law samples of the cell size (the floor): " + "; ".join(
+            f"seed {f['seed']}: NLL excess {f['nll_excess_mean']:+.4f}, bigram KL {f['bigram_kl']:.4f}"
+            for f in law_record["true_sample_floor"]),
+        "",
+        "## Arms (equal tokens from the same MDLM)",
+        "",
+        "| arm | ROAR NLL (nats/token) | minus entropy | all-masked TV to exact marginals | mask-slot weight at z=0 | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, record in arms.items():
+        roar = record["roar_nll"]
+        lines.append(
+            f"| {name} | {roar['nll_per_token']:.4f} ± {roar['standard_error'] or 0:.4f} | "
+            f"{roar['nll_per_token'] - entropy['entropy_per_token']:+.4f} | {record['all_masked_marginal_tv_mean']:.4f} | "
+            f"{record['converter_mask_slot_weight_at_z0']:.3f} | {record['train_seconds']:.0f} |"
+        )
+    steps = sorted({r["num_steps"] for r in rows})
+    lines += [
+        "",
+        "## NLL excess (mean / median over possible samples, nats/token) · impossible share · bigram KL",
+        "",
+        "Each cell: mean over seeds; seeds listed. NFE is the measured number of network calls.",
+        "",
+        "| arm / sampler | seeds | " + " | ".join(f"T = {t}" for t in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(curve_label(row), []).append(row)
+    for label, group in groups.items():
+        seeds = sorted({r["seed"] for r in group})
+        cells = []
+        for t in steps:
+            at = [r for r in group if r["num_steps"] == t]
+            if not at:
+                cells.append("")
+                continue
+
+            def avg(key):
+                values = [r[key] for r in at if r[key] is not None]
+                return sum(values) / len(values) if values else None
+
+            cells.append(f"{_fmt(avg('nll_excess_mean'))} / {_fmt(avg('nll_excess_median'))} · "
+                         f"{avg('impossible_share'):.3f} · {_fmt(avg('bigram_kl'), 4)} (NFE {avg('nfe'):.0f})")
+        lines.append(f"| {label} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    lines += ["", "## Headline: NFE DSL+ReMDM needs to match MDLM+ReMDM", ""]
+    for arm, metrics in heads.items():
+        for metric, result in metrics.items():
+            lines.append(f"**{arm} / remdm vs mdlm / remdm, {metric}** (lower is better; seeds {result['seeds']}):")
+            lines.append("")
+            lines.append("| baseline T | baseline | candidate at same T | noise floor | verdict |")
+            lines.append("|---|---|---|---|---|")
+            for e in result["entries"]:
+                lines.append(f"| {e['num_steps']} | {_fmt(e['baseline'], 4)} | {_fmt(e.get('candidate_same_steps'), 4)} | "
+                             f"{_fmt(e.get('noise_floor'), 4)} | {e['verdict']} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def stage_report(args, law_record: dict, arm_stages: dict[str, Stage], pretrain: Stage) -> dict:
+    rows = load_cells(args)
+    arms = {"pretrained (MDLM)": pretrain.record(), **{name: stage.record() for name, stage in arm_stages.items()}}
+    heads = headline(args, rows)
+    plots = plot(args, rows, law_record)
+    table = markdown(args, rows, law_record, arms, heads)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table)
+    report = {
+        "arguments": asdict(args),
+        "law": law_record,
+        "pretrain": pretrain.record(),
+        "arms": arms,
+        "cells": rows,
+        "headline": heads,
+        "plots": plots,
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+                        "threads": torch.get_num_threads()},
+    }
+    write_json(os.path.join(args.output_dir, "results.json"), report)
+    print(table)
+    return report
+
+
+def run(args: KnownLawArguments) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.perf_counter()
+    law, law_record = stage_law(args)
+    # One fixed set of fresh law rows scores every model's ROAR NLL.
+    roar_rows = law.sample(args.roar_eval_samples, args.length, torch.Generator().manual_seed(40_000 + args.seed))
+    pretrain = stage_pretrain(args, roar_rows)
+    arm_stages = {arm: stage_arm(args, arm, pretrain, roar_rows) for arm in args.arms}
+    stage_samples(args, law, law_record)
+    report = stage_report(args, law_record, arm_stages, pretrain)
+    logger.info("known-law benchmark finished in %.1f s (this session)", time.perf_counter() - start)
+    return report
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    (args,) = HfArgumentParser(KnownLawArguments).parse_args_into_dataclasses(args=argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
