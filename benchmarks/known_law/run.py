@@ -64,10 +64,10 @@ PRESETS = {
     ),
     "full": dict(
         vocab_size=64, num_states=16, tokens_per_state=16, successors_per_state=3, initial_states=4, length=32,
-        entropy_samples=200_000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, embed_dim=32,
-        cond_dim=64, batch_size=64, pretrain_steps=3000, finetune_steps=1000, save_steps=500,
+        entropy_samples=200_000, hidden_size=96, num_hidden_layers=4, num_attention_heads=4, embed_dim=32,
+        cond_dim=64, batch_size=64, pretrain_steps=2500, finetune_steps=1000, save_steps=250,
         step_budgets=[2, 4, 8, 16, 32], samples_per_cell=2000, sampling_batch_size=1000, seeds=[0, 1],
-        secondary_seeds=[0], roar_eval_samples=8192, arms=["mdlm", "dsl", "dsl-group"],
+        secondary_seeds=[0], secondary_step_budgets=[4, 16], roar_eval_samples=8192, arms=["mdlm", "dsl", "dsl-group"],
     ),
 }
 LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (as in the demo)
@@ -121,7 +121,19 @@ class KnownLawArguments:
         default=None, metadata={"help": "Budgets of the secondary samplers (default: every budget)."}
     )
     roar_eval_samples: int | None = field(default=None, metadata={"help": "Fresh law rows of each arm's ROAR NLL."})
-    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)."})
+    threads: int = field(
+        default=1,
+        metadata={"help": "torch threads (0 = torch's default). 1 by default: on a shared 2-core machine two OpenMP "
+                  "threads spin against other processes and run ~10x slower; run shards in parallel instead."},
+    )
+    stop_after: str = field(default="", metadata={"help": "Stop after this stage: law, pretrain, arms or samples."})
+    only_arms: list[str] = field(
+        default_factory=list, metadata={"help": "Train only these arms, then stop (run arms in parallel processes)."}
+    )
+    sample_shard: str = field(
+        default="0/1", metadata={"help": "k/n: draw only the cells whose index is k mod n, then stop (parallel shards); "
+                                 "a final run with 0/1 finds every cell on disk and writes the report."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of initialization and the training streams."})
 
     def __post_init__(self):
@@ -137,6 +149,14 @@ class KnownLawArguments:
             raise ValueError(f"step_budgets={self.step_budgets} must lie in [1, L = {self.length}].")
         if self.secondary_step_budgets is None:
             self.secondary_step_budgets = list(self.step_budgets)
+        if self.stop_after not in ("", "law", "pretrain", "arms", "samples"):
+            raise ValueError(f"stop_after={self.stop_after!r} must be one of law, pretrain, arms, samples.")
+        if set(self.only_arms) - set(self.arms):
+            raise ValueError(f"only_arms={self.only_arms} must be a subset of arms={self.arms}.")
+        shard, _, count = self.sample_shard.partition("/")
+        if not (shard.isdigit() and count.isdigit() and int(shard) < int(count)):
+            raise ValueError(f"sample_shard={self.sample_shard!r} must read k/n with 0 <= k < n.")
+        self.shard_index, self.shard_count = int(shard), int(count)
 
     def law_config(self) -> HMMLawConfig:
         names = {f.name for f in fields(HMMLawConfig)}
@@ -429,7 +449,8 @@ def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
     exact_pairs = law.bigram_marginal(args.length)
     models = {}
     cells = plan_cells(args)
-    for cell in tqdm(cells, desc="sampling cells"):
+    mine = cells[args.shard_index :: args.shard_count]
+    for cell in tqdm(mine, desc=f"sampling cells (shard {args.sample_shard})"):
         path = os.path.join(stage.path, cell["name"] + ".json")
         if os.path.isfile(path):
             continue
@@ -445,7 +466,8 @@ def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
         write_json(path, record)
         logger.info("%-36s NFE %5.1f  %5.1f s  excess %s  impossible %.3f  KL %s", cell["name"], nfe, seconds,
                     _fmt(record["nll_excess_mean"]), record["impossible_share"], _fmt(record["bigram_kl"]))
-    stage.finish({"cells": [cell["name"] for cell in cells]})
+    if all(os.path.isfile(os.path.join(stage.path, cell["name"] + ".json")) for cell in cells):
+        stage.finish({"cells": [cell["name"] for cell in cells]})
     return stage
 
 
@@ -617,11 +639,23 @@ def run(args: KnownLawArguments) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.perf_counter()
     law, law_record = stage_law(args)
+    if args.stop_after == "law":
+        return {}
     # One fixed set of fresh law rows scores every model's ROAR NLL.
     roar_rows = law.sample(args.roar_eval_samples, args.length, torch.Generator().manual_seed(40_000 + args.seed))
     pretrain = stage_pretrain(args, roar_rows)
+    if args.stop_after == "pretrain":
+        return {}
+    if args.only_arms:
+        for arm in args.only_arms:
+            stage_arm(args, arm, pretrain, roar_rows)
+        return {}
     arm_stages = {arm: stage_arm(args, arm, pretrain, roar_rows) for arm in args.arms}
-    stage_samples(args, law, law_record)
+    if args.stop_after == "arms":
+        return {}
+    samples = stage_samples(args, law, law_record)
+    if args.stop_after == "samples" or not samples.done:
+        return {}
     report = stage_report(args, law_record, arm_stages, pretrain)
     logger.info("known-law benchmark finished in %.1f s (this session)", time.perf_counter() - start)
     return report

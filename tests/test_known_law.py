@@ -1,0 +1,133 @@
+"""The known-law benchmark (`benchmarks/known_law/`): the law's exact quantities against brute force, the metrics, and
+the stages end to end at a toy size."""
+
+import itertools
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks.known_law.law import HiddenMarkovLaw, HMMLawConfig, LawSampleStream, build_law  # noqa: E402
+from benchmarks.known_law.metrics import bigram_counts, bigram_kl, nfe_to_match, nll_scores  # noqa: E402
+from benchmarks.known_law.run import KnownLawArguments, main, plan_cells  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+TINY = HMMLawConfig(vocab_size=5, num_states=3, tokens_per_state=3, successors_per_state=1, initial_states=2, law_seed=7)
+
+
+def brute_force_log_prob(law: HiddenMarkovLaw, tokens: list[int]) -> float:
+    """Sum over every hidden path: the definition the forward algorithm must reproduce."""
+    total = 0.0
+    for path in itertools.product(range(law.num_states), repeat=len(tokens)):
+        p = float(law.initial[path[0]] * law.emission[path[0], tokens[0]])
+        for t in range(1, len(tokens)):
+            p *= float(law.transition[path[t - 1], path[t]] * law.emission[path[t], tokens[t]])
+        total += p
+    return math.log(total) if total > 0 else -math.inf
+
+
+def every_sequence(vocab_size: int, length: int) -> torch.LongTensor:
+    return torch.tensor(list(itertools.product(range(vocab_size), repeat=length)), dtype=torch.long)
+
+
+def test_forward_algorithm_matches_brute_force_and_sums_to_one():
+    law = build_law(TINY)
+    sequences = every_sequence(5, 4)
+    log_p = law.log_prob(sequences)
+    for row in sequences[::37].tolist():  # a spread of sequences, possible and impossible
+        expected = brute_force_log_prob(law, row)
+        got = float(law.log_prob(torch.tensor([row]))[0])
+        assert (got == expected == -math.inf) or got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-12)
+    # The law is sparse: impossible sequences exist (log p = -inf exactly, no NaN).
+    assert torch.isneginf(log_p).any() and not torch.isnan(log_p).any()
+
+
+def test_entropy_exact_and_monte_carlo_agree():
+    law = build_law(TINY)
+    length = 5
+    exact = law.exact_entropy(length) / length
+    estimate = law.monte_carlo_entropy(length, 40_000, torch.Generator().manual_seed(0))
+    assert abs(estimate["entropy_per_token"] - exact) < 4 * estimate["standard_error"] + 1e-9
+    assert 0 < exact < math.log(5)
+
+
+def test_bigram_marginal_exact_and_against_counts():
+    law = build_law(TINY)
+    length = 4
+    sequences = every_sequence(5, length)
+    p = law.log_prob(sequences).exp()
+    exact = torch.zeros(5, 5, dtype=torch.float64)
+    for t in range(length - 1):
+        exact.index_put_((sequences[:, t], sequences[:, t + 1]), p, accumulate=True)
+    exact /= length - 1
+    assert torch.allclose(law.bigram_marginal(length), exact, atol=1e-12)
+    samples = law.sample(50_000, length, torch.Generator().manual_seed(1))
+    counts = bigram_counts(samples, 5)
+    assert torch.allclose(counts / counts.sum(), exact, atol=0.01)
+    # True samples never use an impossible pair, and their KL is the small plug-in bias only.
+    scores = bigram_kl(samples, exact)
+    assert scores["impossible_pair_share"] == 0 and 0 <= scores["bigram_kl"] < 1e-3
+
+
+def test_nll_scores_count_impossible_samples_apart():
+    law = build_law(TINY)
+    samples = law.sample(200, 6, torch.Generator().manual_seed(2))
+    impossible = every_sequence(5, 6)[torch.isneginf(law.log_prob(every_sequence(5, 6)))][:50]
+    scores = nll_scores(law, torch.cat([samples, impossible]), entropy_per_token=1.0)
+    assert scores["impossible_share"] == pytest.approx(50 / 250)
+    assert scores["num_possible"] == 200 and math.isfinite(scores["nll_mean"])
+    assert scores["nll_excess_mean"] == pytest.approx(scores["nll_mean"] - 1.0)
+
+
+def test_training_stream_is_fresh_and_law_distributed():
+    law = build_law(TINY)
+    stream = iter(LawSampleStream(law, length=6, seed=3, chunk_size=64))
+    rows = torch.stack([next(stream)["input_ids"] for _ in range(200)])
+    assert torch.isfinite(law.log_prob(rows)).all()  # every training row is possible under the law
+    assert len({tuple(r) for r in rows.tolist()}) > 150  # fresh draws, not one memorizable batch repeated
+
+
+def test_headline_says_no_separation_inside_the_noise_floor():
+    def row(arm, steps, seed, value):
+        return {"arm": arm, "sampler": "remdm", "num_steps": steps, "seed": seed, "nfe": steps, "metric": value}
+
+    baseline = [row("b", t, s, v + 0.01 * s) for t, v in ((4, 0.6), (8, 0.4), (16, 0.3)) for s in (0, 1)]
+    same = [row("c", t, s, v - 0.01 * s) for t, v in ((4, 0.6), (8, 0.4), (16, 0.3)) for s in (0, 1)]
+    result = nfe_to_match(baseline, same, "metric")
+    assert [e["verdict"] for e in result["entries"]] == ["no separation"] * 3
+    better = [row("c", t, s, v + 0.001 * s) for t, v in ((4, 0.4), (8, 0.3), (16, 0.2)) for s in (0, 1)]
+    result = nfe_to_match(baseline, better, "metric")
+    entry = result["entries"][1]  # baseline at T = 8 (0.405) is reached by the candidate near NFE 4
+    assert entry["separated"] and entry["speedup"] > 1.5 and "x" in entry["verdict"]
+
+
+def test_stages_run_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "known-law"
+    report = main(["--preset", "ci", "--output_dir", str(out)])
+    for name in ("results.json", "results.md", "nll_excess_vs_nfe.png", "bigram_kl_vs_nfe.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "nll_excess_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    args = KnownLawArguments(preset="ci", output_dir=str(out))
+    assert len(report["cells"]) == len(plan_cells(args))
+    entropy = report["law"]["entropy"]["entropy_per_token"]
+    for cell in report["cells"]:
+        assert cell["num_samples"] == args.samples_per_cell
+        assert 0 <= cell["impossible_share"] <= 1
+        if cell["num_possible"]:
+            assert cell["nll_mean"] >= 0 and cell["nll_excess_mean"] == pytest.approx(cell["nll_mean"] - entropy)
+    for arm in args.arms:
+        record = report["arms"][arm]
+        assert math.isfinite(record["roar_nll"]["nll_per_token"]) and record["tokens"] == args.finetune_steps * args.batch_size * args.length
+    assert set(report["headline"]) == {"dsl", "dsl-group"}
+    # Resuming finds every stage done and rewrites the same report.
+    again = main(["--preset", "ci", "--output_dir", str(out)])
+    assert json.dumps(again["cells"]) == json.dumps(report["cells"])
