@@ -43,13 +43,18 @@ logger = logging.getLogger("known_law")
 # no warm-up, EMA 0.999, clip 1.0); only the group below differs. Set explicitly, so that the benchmark does not move
 # when the trainer's defaults do.
 DSL_GROUP_PATTERNS = ["token_directions", "converter_beta", "converter_bias"]  # E, beta, b
+# The DSL arms use the library's mixture path (a quarter of ROAR endpoint rows, log-normal SNRs for the rest) rather
+# than the reference code's all-log-normal path: the discrete samplers compared here feed exactly the endpoint states.
 ARMS = {
     "mdlm": dict(objective="mdlm", patterns=None, group_rate=None),
     "dsl": dict(objective="dsl", patterns=None, group_rate=None),  # one rate for everything (the reference)
     "dsl-group": dict(objective="dsl", patterns=DSL_GROUP_PATTERNS, group_rate="dsl_group_learning_rate"),
     "dsl-group-w": dict(
-        objective="dsl", patterns=DSL_GROUP_PATTERNS + ["vocab_embed.embedding"], group_rate="dsl_group_learning_rate"
+        objective="dsl", patterns=DSL_GROUP_PATTERNS, group_rate="dsl_group_learning_rate", include_input_table=True
     ),
+    # Ablation: the reference recipe with every row a ROAR endpoint row (rho = 1): the network then trains only on
+    # the states the discrete samplers show it, as many of them as the MDLM arm sees.
+    "dsl-endpoint-only": dict(objective="dsl", patterns=None, group_rate=None, rho=1.0),
 }
 HEADLINE_BASELINE = ("mdlm", "remdm")
 HEADLINE_CANDIDATE = ("dsl", "remdm")
@@ -113,7 +118,10 @@ class KnownLawArguments:
     step_budgets: list[int] | None = field(default=None, metadata={"help": "Step budgets T (a doubling grid up to L)."})
     samples_per_cell: int | None = field(default=None, metadata={"help": "Samples per cell (>= 2,000 for the real run)."})
     sampling_batch_size: int | None = field(default=None, metadata={"help": "Rows per sampler call."})
-    seeds: list[int] | None = field(default=None, metadata={"help": "Sampling seeds of the headline pair (and dsl-group)."})
+    seeds: list[int] | None = field(default=None, metadata={"help": "Sampling seeds of the headline pair."})
+    candidate_arm_seeds: list[int] | None = field(
+        default=None, metadata={"help": "Sampling seeds of the other DSL arms' ReMDM (default: seeds)."}
+    )
     secondary_seeds: list[int] | None = field(
         default=None, metadata={"help": "Sampling seeds of the other samplers (MDLM, DSL-SDE, hybrid, ROAR)."}
     )
@@ -149,6 +157,8 @@ class KnownLawArguments:
             raise ValueError(f"step_budgets={self.step_budgets} must lie in [1, L = {self.length}].")
         if self.secondary_step_budgets is None:
             self.secondary_step_budgets = list(self.step_budgets)
+        if self.candidate_arm_seeds is None:
+            self.candidate_arm_seeds = list(self.seeds)
         if self.stop_after not in ("", "law", "pretrain", "arms", "samples"):
             raise ValueError(f"stop_after={self.stop_after!r} must be one of law, pretrain, arms, samples.")
         if set(self.only_arms) - set(self.arms):
@@ -299,15 +309,21 @@ def arm_training_arguments(args, arm: str, out_dir: str):
     overrides = dict(
         objective=spec["objective"], learning_rate=args.finetune_learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, ema_decay=args.ema_decay,
+        # MDLM's EMA warm-up (the reference has none): without it, after 1,000 steps at decay 0.999 the exported
+        # weights would still hold 37% of the pretrained ones, which would mute whatever the arm learned.
+        ema_warmup=True, eos_in_loss="count",
     )
     if spec["objective"] == "dsl":
-        overrides.update(snr_path="mixture", rho=args.rho, lognormal_mu=args.lognormal_mu,
+        overrides.update(snr_path="mixture", rho=spec.get("rho", args.rho), lognormal_mu=args.lognormal_mu,
                          lognormal_sigma=args.lognormal_sigma, roar_lambda=0.0)
     if spec["patterns"] is None:
         # One rate for every parameter: AdamW is per-parameter, so equal rates and zero decay make it one group.
         overrides.update(dsl_learning_rate=args.finetune_learning_rate)
     else:
-        overrides.update(dsl_parameter_patterns=spec["patterns"], dsl_learning_rate=getattr(args, spec["group_rate"]))
+        overrides.update(
+            dsl_parameter_patterns=spec["patterns"], dsl_learning_rate=getattr(args, spec["group_rate"]),
+            dsl_group_includes_input_table=spec.get("include_input_table", False),
+        )
     return training_arguments(args, out_dir, args.finetune_steps, **overrides)
 
 
@@ -328,12 +344,12 @@ def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) ->
     record.update(
         arm=arm,
         recipe={k: getattr(training_args, k) for k in (
-            "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "dsl_learning_rate",
+            "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "ema_warmup", "dsl_learning_rate",
             "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "roar_lambda",
             "max_grad_norm", "per_device_train_batch_size")},
         endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before issue 10 part 1)"),
         directions_mean_cosine_to_init=float(cosine.mean()),
-        converter_beta=float(model.converter_beta),
+        converter_beta=float(model.converter_beta.detach()),
         converter_bias_max_change=float((model.converter_bias.detach() - before["bias"]).abs().max()),
         **endpoint_diagnostics(model, pretrained_law(args), args.length),
         roar_nll=roar_likelihood(args, model, roar_rows),
@@ -395,23 +411,28 @@ def remdm_knobs(num_steps: int, length: int) -> dict:
 
 
 def plan_cells(args) -> list[dict]:
-    """Headline pair (and the other DSL arms' ReMDM) at every budget and every seed; the secondary samplers at the
-    secondary budgets and seeds; ROAR (NFE = L) once per arm and secondary seed."""
+    """The cells in priority order (parallel shards finish the important ones first): the headline pair (MDLM+ReMDM,
+    DSL+ReMDM) at every budget and seed; the other DSL arms' ReMDM at the first seed; the secondary samplers (MDLM,
+    DSL-SDE, hybrid) at the secondary budgets and seeds, ROAR (NFE = L) per arm and secondary seed; last, the other
+    DSL arms' ReMDM at the remaining `candidate_arm_seeds`."""
+    other_arms = [arm for arm in args.arms if ARMS[arm]["objective"] == "dsl" and arm != "dsl"]
     cells = []
-    dsl_arms = [arm for arm in args.arms if ARMS[arm]["objective"] == "dsl"]
-    for steps in args.step_budgets:
-        for seed in args.seeds:
-            for arm in ["mdlm"] + dsl_arms:
-                cells.append(dict(arm=arm, sampler="remdm", num_steps=steps, seed=seed, knobs=remdm_knobs(steps, args.length)))
-        if steps in args.secondary_step_budgets:
-            for seed in args.secondary_seeds:
-                cells.append(dict(arm="mdlm", sampler="mdlm", num_steps=steps, seed=seed, knobs={}))
-                cells.append(dict(arm="dsl", sampler="dsl-sde", num_steps=steps, seed=seed, knobs={"snr_schedule": "log-linear"}))
-                if steps >= 2:  # one continuous and one discrete step at least
-                    cells.append(dict(arm="dsl", sampler="hybrid", num_steps=steps, seed=seed, knobs={}))
+
+    def remdm(arm, steps, seed):
+        return dict(arm=arm, sampler="remdm", num_steps=steps, seed=seed, knobs=remdm_knobs(steps, args.length))
+
+    cells += [remdm(arm, steps, seed) for seed in args.seeds for steps in args.step_budgets for arm in ("mdlm", "dsl")]
+    first, rest = args.candidate_arm_seeds[:1], args.candidate_arm_seeds[1:]
+    cells += [remdm(arm, steps, seed) for seed in first for arm in other_arms for steps in args.step_budgets]
     for seed in args.secondary_seeds:
+        for steps in args.secondary_step_budgets:
+            cells.append(dict(arm="mdlm", sampler="mdlm", num_steps=steps, seed=seed, knobs={}))
+            cells.append(dict(arm="dsl", sampler="dsl-sde", num_steps=steps, seed=seed, knobs={"snr_schedule": "log-linear"}))
+            if steps >= 2:  # one continuous and one discrete step at least
+                cells.append(dict(arm="dsl", sampler="hybrid", num_steps=steps, seed=seed, knobs={}))
         for arm in ("mdlm", "dsl"):
             cells.append(dict(arm=arm, sampler="roar", num_steps=args.length, seed=seed, knobs={}))
+    cells += [remdm(arm, steps, seed) for seed in rest for arm in other_arms for steps in args.step_budgets]
     for cell in cells:
         label = cell["sampler"] + ("-" + cell["knobs"]["strategy"] if "strategy" in cell["knobs"] else "")
         cell["name"] = f"{cell['arm']}+{label}@T{cell['num_steps']}#seed{cell['seed']}"
