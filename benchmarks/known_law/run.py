@@ -128,6 +128,9 @@ class KnownLawArguments:
     secondary_step_budgets: list[int] | None = field(
         default=None, metadata={"help": "Budgets of the secondary samplers (default: every budget)."}
     )
+    roar_arms: list[str] = field(
+        default_factory=lambda: ["dsl", "mdlm"], metadata={"help": "Arms sampled with ROAR (NFE = L)."}
+    )
     roar_eval_samples: int | None = field(default=None, metadata={"help": "Fresh law rows of each arm's ROAR NLL."})
     threads: int = field(
         default=1,
@@ -161,6 +164,8 @@ class KnownLawArguments:
             self.candidate_arm_seeds = list(self.seeds)
         if self.stop_after not in ("", "law", "pretrain", "arms", "samples"):
             raise ValueError(f"stop_after={self.stop_after!r} must be one of law, pretrain, arms, samples.")
+        if set(self.roar_arms) - set(self.arms):
+            raise ValueError(f"roar_arms={self.roar_arms} must be a subset of arms={self.arms}.")
         if set(self.only_arms) - set(self.arms):
             raise ValueError(f"only_arms={self.only_arms} must be a subset of arms={self.arms}.")
         shard, _, count = self.sample_shard.partition("/")
@@ -411,27 +416,34 @@ def remdm_knobs(num_steps: int, length: int) -> dict:
 
 
 def plan_cells(args) -> list[dict]:
-    """The cells in priority order (parallel shards finish the important ones first): the headline pair (MDLM+ReMDM,
-    DSL+ReMDM) at every budget and seed; the other DSL arms' ReMDM at the first seed; the secondary samplers (MDLM,
-    DSL-SDE, hybrid) at the secondary budgets and seeds, ROAR (NFE = L) per arm and secondary seed; last, the other
-    DSL arms' ReMDM at the remaining `candidate_arm_seeds`."""
+    """The cells in priority order (parallel shards finish the important ones first):
+    1. the headline pair (MDLM+ReMDM, DSL+ReMDM) at every budget and seed;
+    2. the secondary samplers of the two main arms at the secondary budgets and seeds: MDLM (no remasking), DSL-SDE,
+       the hybrid, and DSL+ROAR (NFE = L);
+    3. the other DSL arms' ReMDM at the first of `candidate_arm_seeds`, every budget;
+    4. ROAR of the other `roar_arms` (e.g. the MDLM arm: its any-order AR samples);
+    5. the other DSL arms' ReMDM at the remaining `candidate_arm_seeds`."""
     other_arms = [arm for arm in args.arms if ARMS[arm]["objective"] == "dsl" and arm != "dsl"]
     cells = []
 
     def remdm(arm, steps, seed):
         return dict(arm=arm, sampler="remdm", num_steps=steps, seed=seed, knobs=remdm_knobs(steps, args.length))
 
+    def roar(arm, seed):
+        return dict(arm=arm, sampler="roar", num_steps=args.length, seed=seed, knobs={})
+
     cells += [remdm(arm, steps, seed) for seed in args.seeds for steps in args.step_budgets for arm in ("mdlm", "dsl")]
-    first, rest = args.candidate_arm_seeds[:1], args.candidate_arm_seeds[1:]
-    cells += [remdm(arm, steps, seed) for seed in first for arm in other_arms for steps in args.step_budgets]
     for seed in args.secondary_seeds:
         for steps in args.secondary_step_budgets:
             cells.append(dict(arm="mdlm", sampler="mdlm", num_steps=steps, seed=seed, knobs={}))
             cells.append(dict(arm="dsl", sampler="dsl-sde", num_steps=steps, seed=seed, knobs={"snr_schedule": "log-linear"}))
             if steps >= 2:  # one continuous and one discrete step at least
                 cells.append(dict(arm="dsl", sampler="hybrid", num_steps=steps, seed=seed, knobs={}))
-        for arm in ("mdlm", "dsl"):
-            cells.append(dict(arm=arm, sampler="roar", num_steps=args.length, seed=seed, knobs={}))
+        if "dsl" in args.roar_arms:
+            cells.append(roar("dsl", seed))
+    first, rest = args.candidate_arm_seeds[:1], args.candidate_arm_seeds[1:]
+    cells += [remdm(arm, steps, seed) for seed in first for arm in other_arms for steps in args.step_budgets]
+    cells += [roar(arm, seed) for seed in args.secondary_seeds for arm in args.roar_arms if arm != "dsl"]
     cells += [remdm(arm, steps, seed) for seed in rest for arm in other_arms for steps in args.step_budgets]
     for cell in cells:
         label = cell["sampler"] + ("-" + cell["knobs"]["strategy"] if "strategy" in cell["knobs"] else "")
