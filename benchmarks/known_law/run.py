@@ -122,6 +122,9 @@ class KnownLawArguments:
     candidate_arm_seeds: list[int] | None = field(
         default=None, metadata={"help": "Sampling seeds of the other DSL arms' ReMDM (default: seeds)."}
     )
+    candidate_arm_step_budgets: list[int] | None = field(
+        default=None, metadata={"help": "Budgets of the other DSL arms' ReMDM (default: step_budgets)."}
+    )
     secondary_seeds: list[int] | None = field(
         default=None, metadata={"help": "Sampling seeds of the other samplers (MDLM, DSL-SDE, hybrid, ROAR)."}
     )
@@ -162,6 +165,8 @@ class KnownLawArguments:
             self.secondary_step_budgets = list(self.step_budgets)
         if self.candidate_arm_seeds is None:
             self.candidate_arm_seeds = list(self.seeds)
+        if self.candidate_arm_step_budgets is None:
+            self.candidate_arm_step_budgets = list(self.step_budgets)
         if self.stop_after not in ("", "law", "pretrain", "arms", "samples"):
             raise ValueError(f"stop_after={self.stop_after!r} must be one of law, pretrain, arms, samples.")
         if set(self.roar_arms) - set(self.arms):
@@ -442,9 +447,10 @@ def plan_cells(args) -> list[dict]:
         if "dsl" in args.roar_arms:
             cells.append(roar("dsl", seed))
     first, rest = args.candidate_arm_seeds[:1], args.candidate_arm_seeds[1:]
-    cells += [remdm(arm, steps, seed) for seed in first for arm in other_arms for steps in args.step_budgets]
+    budgets = args.candidate_arm_step_budgets
+    cells += [remdm(arm, steps, seed) for seed in first for arm in other_arms for steps in budgets]
     cells += [roar(arm, seed) for seed in args.secondary_seeds for arm in args.roar_arms if arm != "dsl"]
-    cells += [remdm(arm, steps, seed) for seed in rest for arm in other_arms for steps in args.step_budgets]
+    cells += [remdm(arm, steps, seed) for seed in rest for arm in other_arms for steps in budgets]
     for cell in cells:
         label = cell["sampler"] + ("-" + cell["knobs"]["strategy"] if "strategy" in cell["knobs"] else "")
         cell["name"] = f"{cell['arm']}+{label}@T{cell['num_steps']}#seed{cell['seed']}"
