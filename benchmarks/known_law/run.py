@@ -132,7 +132,7 @@ class KnownLawArguments:
         default=None, metadata={"help": "Budgets of the secondary samplers (default: every budget)."}
     )
     roar_arms: list[str] = field(
-        default_factory=lambda: ["dsl", "mdlm"], metadata={"help": "Arms sampled with ROAR (NFE = L)."}
+        default_factory=lambda: ["dsl", "mdlm"], metadata={"help": "Arms sampled with ROAR (NFE = L); 'none' for no ROAR."}
     )
     roar_eval_samples: int | None = field(default=None, metadata={"help": "Fresh law rows of each arm's ROAR NLL."})
     threads: int = field(
@@ -143,6 +143,12 @@ class KnownLawArguments:
     stop_after: str = field(default="", metadata={"help": "Stop after this stage: law, pretrain, arms or samples."})
     only_arms: list[str] = field(
         default_factory=list, metadata={"help": "Train only these arms, then stop (run arms in parallel processes)."}
+    )
+    cell_filter: list[str] = field(
+        default_factory=list, metadata={"help": "Draw only the cells with these names (an extra parallel worker)."}
+    )
+    reverse_order: bool = field(
+        default=False, metadata={"help": "Draw this worker's cells last-first, to meet the in-order shards halfway."}
     )
     sample_shard: str = field(
         default="0/1", metadata={"help": "k/n: draw only the cells whose index is k mod n, then stop (parallel shards); "
@@ -169,6 +175,8 @@ class KnownLawArguments:
             self.candidate_arm_step_budgets = list(self.step_budgets)
         if self.stop_after not in ("", "law", "pretrain", "arms", "samples"):
             raise ValueError(f"stop_after={self.stop_after!r} must be one of law, pretrain, arms, samples.")
+        if self.roar_arms == ["none"]:
+            self.roar_arms = []
         if set(self.roar_arms) - set(self.arms):
             raise ValueError(f"roar_arms={self.roar_arms} must be a subset of arms={self.arms}.")
         if set(self.only_arms) - set(self.arms):
@@ -489,6 +497,10 @@ def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
     models = {}
     cells = plan_cells(args)
     mine = cells[args.shard_index :: args.shard_count]
+    if args.cell_filter:
+        mine = [cell for cell in mine if cell["name"] in set(args.cell_filter)]
+    if args.reverse_order:
+        mine = mine[::-1]
     for cell in tqdm(mine, desc=f"sampling cells (shard {args.sample_shard})"):
         path = os.path.join(stage.path, cell["name"] + ".json")
         if os.path.isfile(path):
