@@ -160,7 +160,10 @@ def nfe_to_match(baseline_rows: list[dict], candidate_rows: list[dict], metric: 
             entry["speedup"] = ratio
             seed_ratios = [entry["baseline_nfe"] / s["candidate_nfe"] for s in per_seed if s["candidate_nfe"]]
             entry["speedup_seed_range"] = [min(seed_ratios), max(seed_ratios)] if seed_ratios else None
-            entry["verdict"] = f"NFE {bound}{nfe:.3g} ({'>= ' if bound else ''}{ratio:.2g}x)"
+            if ratio >= 1:
+                entry["verdict"] = f"NFE {bound}{nfe:.3g} ({'>= ' if bound else ''}{ratio:.2g}x fewer)"
+            else:  # the candidate needs MORE calls than the baseline: say so, never as a "speed-up" below 1
+                entry["verdict"] = f"NFE {bound}{nfe:.3g} ({'<= ' if bound else ''}{1 / ratio:.2g}x more)"
             if entry["separated"] is None:
                 entry["verdict"] += " (no same-T candidate cell: separation not checked)"
         entries.append(entry)
