@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, HfArgumentParser
 
-from ..pipelines.samplers import resolve_sampler_name, sampler_knobs
+from ..pipelines.samplers import get_sampler, resolve_sampler_name, sampler_knobs
 from .metrics import (
     PROTOCOL_FEATURIZER,
     PROTOCOL_JUDGE,
@@ -153,6 +153,10 @@ class SweepArguments:
                 self.mauve_num_buckets = int(self.mauve_num_buckets)
             except ValueError:
                 raise ValueError(f"mauve_num_buckets must be 'auto' or an integer, got {self.mauve_num_buckets!r}")
+        if not (math.isfinite(self.mauve_scaling_factor) and self.mauve_scaling_factor > 0):
+            raise ValueError(
+                f"mauve_scaling_factor must be a finite number > 0 (the protocol uses 5), got {self.mauve_scaling_factor}"
+            )
         if (self.baseline is None) != (self.candidate is None):
             raise ValueError("Give both --baseline and --candidate (curve labels `checkpoint / sampler`) or neither")
         self.parsed_sampler_kwargs = self._parse_sampler_kwargs()
@@ -170,7 +174,7 @@ class SweepArguments:
         if unknown:
             raise ValueError(f"sampler_kwargs names samplers {unknown} that are not in --samplers {self.samplers}")
         for sampler, knobs in parsed.items():
-            canonical, _ = resolve_sampler_name(sampler)
+            canonical, implied = resolve_sampler_name(sampler)
             accepted = set(sampler_knobs(canonical)) - {"num_steps"}
             wrong = sorted(set(knobs) - accepted)
             if wrong:
@@ -179,6 +183,13 @@ class SweepArguments:
                     f"--sampler_kwargs for {sampler!r}: {wrong} cannot be set there (num_steps comes from --steps); "
                     f"knobs of {canonical!r}: {sorted(accepted)}"
                 )
+            # The values too, at every step budget, before any checkpoint is loaded.
+            budgets = self.steps if "num_steps" in sampler_knobs(canonical) else [None]
+            for steps in budgets:
+                try:
+                    get_sampler(canonical, **{**knobs, **implied, **({"num_steps": steps} if steps else {})})
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"--sampler_kwargs for {sampler!r} (at --steps {steps}): {err}") from err
         return parsed
 
     def checkpoint_labels(self) -> dict[str, str]:
@@ -531,6 +542,21 @@ def _write_reports(args: SweepArguments, report: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_sweep_checkpoint(label: str, path: str) -> None:
+    """A local checkpoint must exist and hold a readable model (config.json and weights)."""
+    from ..modeling_dsl.modeling_dsl import check_checkpoint_files
+
+    try:
+        check_checkpoint_files(path)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"--checkpoints {label}={path}: {err}") from err
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"--checkpoints {label}={path}: the folder has no config.json; pass a folder written by "
+            "save_pretrained (dsl-finetune's --output_dir or a checkpoint-N folder)."
+        )
+
+
 def _load_checkpoint(path: str, args: SweepArguments):
     import transformers
 
@@ -569,6 +595,8 @@ def run_sweep(args: SweepArguments) -> dict:
                 f"--baseline/--candidate {curve!r} is not a curve of this sweep: use `<checkpoint label> / <sampler>` "
                 f"with a label of {sorted(checkpoints)} and a sampler of {args.samplers}"
             )
+    for label, path in checkpoints.items():
+        _check_sweep_checkpoint(label, path)  # before anything is written or sampled
     num_references = args.num_references or args.num_samples
     if num_references != args.num_samples:
         logger.warning("MAUVE compares %d references with %d samples per cell", num_references, args.num_samples)
