@@ -271,8 +271,39 @@ def validate_static_arguments(model_args: ModelArguments, data_args: DataArgumen
             raise ValueError(f"{name}={value} must be a positive number of rows/documents (or unset)")
 
 
+def resolve_resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder ``--resume_from_checkpoint`` names ("last"/"true": the last complete one of
+    ``output_dir``), checked complete now rather than after the data is loaded."""
+    from .trainer import CHECKPOINT_COMPLETE_NAME, get_last_complete_checkpoint, is_checkpoint_complete
+
+    if not resume or resume.lower() in ("false", "none"):
+        return None
+    if resume.lower() in ("true", "last"):
+        last = get_last_complete_checkpoint(output_dir)
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: {output_dir} has no complete checkpoint-N folder (one with "
+                f"{CHECKPOINT_COMPLETE_NAME}); drop the flag to start afresh, or point --output_dir at the earlier run."
+            )
+        return last
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume} is not an existing checkpoint folder.")
+    if not is_checkpoint_complete(resume):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} has no {CHECKPOINT_COMPLETE_NAME} marker: the run that wrote it was "
+            "interrupted while saving, so it may be incomplete. Resume from an earlier complete checkpoint, or use "
+            "'--resume_from_checkpoint last' to pick the last complete one."
+        )
+    return resume
+
+
 def peek_model_limits(model_args: ModelArguments) -> dict:
     """vocab_size, mask_token_id and max_position_embeddings of the model to be trained, from config files only."""
+    from dsl_diffusion.modeling_dsl.modeling_dsl import check_checkpoint_files
+
+    for checkpoint in (model_args.model_name_or_path, model_args.mdlm_checkpoint):
+        if checkpoint:
+            check_checkpoint_files(checkpoint)
     overrides = parse_config_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         config = _read_json_file(model_args.model_name_or_path, "config.json")
@@ -431,6 +462,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     # Validate everything before loading data or weights.
     validate_static_arguments(model_args, data_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     limits = peek_model_limits(model_args)
     tokenizer = load_and_check_tokenizer(model_args, limits)
     block_size = resolve_block_size(data_args, limits)
@@ -476,10 +508,7 @@ def run(argv: list[str] | None = None) -> dict:
         data_collator=DiffusionDataCollator(),
         processing_class=tokenizer,
     )
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    train_result = trainer.train(resume_from_checkpoint=resume or None)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
