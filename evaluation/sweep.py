@@ -140,6 +140,16 @@ class SweepArguments:
             raise ValueError("samplers is empty")
         for sampler in self.samplers:
             resolve_sampler_name(sampler)  # raises with the accepted names
+        # Settings the metrics read only after every cell is sampled: checked now, not hours later.
+        for name, minimum in (("seq_len", 1), ("num_references", 2), ("featurizer_max_length", 1),
+                              ("featurizer_batch_size", 1), ("judge_max_length", 2), ("judge_batch_size", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum} (or unset for its default), got {value}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (sample i uses seed + i), got {self.seed}")
+        if not self.mauve_seeds:
+            raise ValueError("mauve_seeds is empty: give at least one k-means seed (the protocol uses 25)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.reference_format not in REFERENCE_FORMATS:

@@ -141,6 +141,16 @@ class DSLConfig(PreTrainedConfig):
         self._validate_dsl_fields()
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, which sets keyword overrides (`from_pretrained(path, snr_max=...)`) as plain
+        attributes after construction: validate them as the constructor would have."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config._validate_given_fields()
+        config._validate_dsl_fields()
+        return loaded
+
     def _validate_given_fields(self):
         """Every size >= 1 and every float finite and in range, before any default is derived from them."""
         for name in SIZE_FIELDS:

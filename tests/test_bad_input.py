@@ -48,7 +48,8 @@ def model():
 @pytest.fixture(scope="module")
 def tokenizer():
     words = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)] + ["[MASK]"]  # [MASK] = 32 = vocab_size
-    return word_level_tokenizer(words, "[UNK]", pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", mask_token="[MASK]")
+    special = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[EOS]", eos_token="[EOS]", mask_token="[MASK]")
+    return word_level_tokenizer(words, "[UNK]", **special)
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +257,17 @@ def test_loading_rejects(broken_folders, method, path, exception, fragment):
         getattr(DSLForMaskedDiffusion, method)(path(broken_folders))
 
 
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [(dict(snr_max=-3.0), "snr_max=-3.0 must be a finite number"), (dict(embed_dim=0), "embed_dim=0 must be an integer >= 1"),
+     (dict(vocab_size=40), "mask_token_id=32 must equal vocab_size=40")],
+)
+def test_loading_validates_keyword_overrides(saved_model, overrides, fragment):
+    # transformers sets these after the config is built, bypassing its constructor's checks.
+    with raises(ValueError, fragment):
+        DSLForMaskedDiffusion.from_pretrained(saved_model, **overrides)
+
+
 def test_loading_through_auto_model_names_the_truncated_file(broken_folders):
     from transformers import AutoModel
 
@@ -403,6 +415,7 @@ TRAINING_CASES = [
     (dict(time_eps=1.0), "time_eps=1.0 must lie in (0, 1)"),
     (dict(ema_decay=1.0), "ema_decay=1.0 must lie in [0, 1)"),
     (dict(objective="elbo"), "objective='elbo' is not supported"),
+    (dict(per_device_eval_batch_size=0), "per_device_eval_batch_size=0 must be an integer >= 1"),
 ]
 
 
@@ -454,14 +467,25 @@ FINETUNE_CASES = [
     ("negative learning rate", ["--learning_rate=-1e-3"], ValueError, "learning_rate=-0.001 must be a finite number >= 0"),
     ("nan learning rate", ["--learning_rate", "nan"], ValueError, "learning_rate=nan"),
     ("infinite DSL learning rate", ["--dsl_learning_rate", "inf"], ValueError, "dsl_learning_rate=inf"),
+    ("batch size 0", ["--per_device_train_batch_size", "0"], ValueError, "per_device_train_batch_size=0 must be an integer >= 1"),
+    ("accumulation 0", ["--gradient_accumulation_steps", "0"], ValueError, "gradient_accumulation_steps=0"),
+    ("nan LoRA alpha", ["--lora_r", "4", "--lora_alpha", "nan"], ValueError, "lora_alpha=nan must be a finite number > 0"),
+    ("misspelled override", ["--config_overrides", "embeddim=8"], ValueError,
+     "config_overrides names ['embeddim'], which are not DSLConfig fields"),
+    ("override out of range", ["--config_overrides", "embed_dim=0"], ValueError, "embed_dim=0 must be an integer >= 1"),
+    ("override of a loaded model", ["--model_name_or_path", "{model}", "--tokenizer_name", "{model}", "--config_overrides",
+                                    "snr_max=-3"], ValueError, "snr_max=-3 must be a finite number"),
+    ("missing tokenizer folder", ["--tokenizer_name", "./no-tokenizer"], FileNotFoundError, "'./no-tokenizer' does not exist"),
 ]
 
 
 @pytest.mark.parametrize("extra, exception, fragment", [c[1:] for c in FINETUNE_CASES], ids=[c[0] for c in FINETUNE_CASES])
-def test_finetune_rejects_before_loading_data(run_dir, tmp_path, extra, exception, fragment):
+def test_finetune_rejects_before_loading_data(run_dir, tmp_path, saved_model, extra, exception, fragment):
     from dsl_diffusion.trainer.finetune import run
 
-    extra = [token.replace("{run}", str(run_dir)).replace("{tmp}", str(tmp_path)) for token in extra]
+    replacements = {"{run}": str(run_dir), "{tmp}": str(tmp_path), "{model}": str(saved_model)}
+    for placeholder, value in replacements.items():
+        extra = [token.replace(placeholder, value) for token in extra]
     argv = [
         "--output_dir", str(run_dir), "--use_cpu", "--report_to", "none", "--tokenizer_name", "gpt2",
         # A data file that does not exist: each check must fire before any data is read.
@@ -625,6 +649,8 @@ EVALUATE_CASES = [
      "mauve_scaling_factor must be a finite number > 0"),
     ("bad sampler knob value", ["--checkpoints", "{model}", "--samplers", "remdm-cap", "--sampler_kwargs", '{"remdm-cap": {"eta": 2}}'],
      ValueError, "--sampler_kwargs for 'remdm-cap' (at --steps 4): eta=2 is outside the accepted range"),
+    ("judge length 1", ["--checkpoints", "{model}", "--judge_max_length", "1"], ValueError, "judge_max_length must be an integer >= 2"),
+    ("sequence length 0", ["--checkpoints", "{model}", "--seq_len", "0"], ValueError, "seq_len must be an integer >= 1"),
     ("hybrid split above a budget", ["--checkpoints", "{model}", "--samplers", "hybrid", "--sampler_kwargs",
                                      '{"hybrid": {"continuous_steps": 6}}'], ValueError, "(at --steps 4)"),
 ]
@@ -641,3 +667,10 @@ def test_evaluate_checks_before_writing(saved_model, tmp_path, extra, exception,
     with raises(exception, replace(fragment)):
         main(argv)
     assert not output_dir.exists()
+
+
+def test_evaluate_arguments_need_a_mauve_seed():
+    from dsl_diffusion.evaluation.sweep import SweepArguments
+
+    with raises(ValueError, "mauve_seeds is empty"):
+        SweepArguments(checkpoints=["a"], mauve_seeds=[])

@@ -313,6 +313,8 @@ class DSLTrainingArguments(TrainingArguments):
             finite(self.dsl_weight_decay) and self.dsl_weight_decay >= 0,
             f"dsl_weight_decay={self.dsl_weight_decay} must be a finite number >= 0",
         )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be an integer >= 1")
         require(
             finite(self.max_grad_norm) and self.max_grad_norm >= 0,
             f"max_grad_norm={self.max_grad_norm} must be a finite number >= 0 (0 turns clipping off)",
