@@ -487,15 +487,17 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
                 f"[MASK]={self.config.mask_token_id}); got range [{int(input_ids.min())}, {int(input_ids.max())}]."
             )
 
-    def _check_forward_inputs(self, input_ids, noisy_states, attention_mask, timesteps, extra_kwargs: dict) -> None:
+    def _check_forward_inputs(
+        self, input_ids, noisy_states, attention_mask, timesteps, endpoint_snr, extra_kwargs: dict
+    ) -> None:
         """Reject what `forward` would otherwise ignore or turn into NaN: a misspelled or irrelevant argument,
-        `timesteps` for a model without time conditioning, non-float or non-finite noisy states, an attention mask
+        `timesteps` for a model without time conditioning, `endpoint_snr` with noisy states (their SNR is in z), non-float or non-finite noisy states, an attention mask
         that is not 0/1. Warn once for a length the model was not trained for."""
         unknown = sorted(set(extra_kwargs) - set(FRAMEWORK_FORWARD_KWARGS))
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.forward got unexpected arguments {unknown}; accepted: input_ids, noisy_states, "
-                "attention_mask, timesteps, output_hidden_states, return_dict (check the spelling)."
+                "attention_mask, timesteps, endpoint_snr, output_hidden_states, return_dict (check the spelling)."
             )
         if extra_kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: the attention kernels do not return weights.")
@@ -503,6 +505,13 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             raise ValueError(
                 "timesteps were given but this model has time_conditioning=False: the DSL denoiser has no time input "
                 "(an SNR lives in the noisy states). Drop `timesteps`, or use a time-conditioned MDLM model."
+            )
+        if endpoint_snr is not None:
+            self._endpoint_snr(endpoint_snr)  # its range, even where the "table" endpoints do not read it
+        if endpoint_snr is not None and noisy_states is not None:
+            raise ValueError(
+                "endpoint_snr applies to input_ids (the SNR at which a decoded token is shown); noisy_states carry their "
+                "own SNR in z. Drop endpoint_snr, or pass input_ids."
             )
         if noisy_states is not None:
             if not torch.is_tensor(noisy_states) or not noisy_states.is_floating_point():
@@ -616,7 +625,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         """
         if (input_ids is None) == (noisy_states is None):
             raise ValueError("pass exactly one of `input_ids` (discrete endpoints) or `noisy_states` (continuous z).")
-        self._check_forward_inputs(input_ids, noisy_states, attention_mask, timesteps, kwargs)
+        self._check_forward_inputs(input_ids, noisy_states, attention_mask, timesteps, endpoint_snr, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )

@@ -165,6 +165,9 @@ FORWARD_CASES = [
     ("typo noisy_state", lambda m, ids: m(input_ids=ids, noisy_state=None), TypeError, "unexpected arguments ['noisy_state']"),
     ("irrelevant timesteps", lambda m, ids: m(input_ids=ids, timesteps=torch.zeros(2)), ValueError,
      "timesteps were given but this model has time_conditioning=False"),
+    ("endpoint_snr with states", lambda m, ids: m(noisy_states=_states(m, ids), endpoint_snr=50.0), ValueError,
+     "endpoint_snr applies to input_ids"),
+    ("nan endpoint_snr", lambda m, ids: m(input_ids=ids, endpoint_snr=NAN), ValueError, "endpoint_snr=nan must be a finite number > 0"),
     ("output_attentions", lambda m, ids: m(input_ids=ids, output_attentions=True), ValueError, "output_attentions=True is not supported"),
     ("mask value 2", lambda m, ids: m(input_ids=ids, attention_mask=torch.full_like(ids, 2)), ValueError,
      "attention_mask must hold only 0 (padding) and 1"),
@@ -200,6 +203,23 @@ def test_model_accepts_what_transformers_passes(model, ids):
         passed = model(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool), use_cache=False,
                        output_attentions=False, num_items_in_batch=16).logits
     torch.testing.assert_close(passed, reference)
+
+
+def test_mask_token_id_at_vocab_size_is_not_warned_about(tmp_path, caplog):
+    """[MASK] = vocab_size is the library's convention, not bad input: transformers' generic check (ids in
+    [0, vocab_size)) must not warn about it when a config is built, validated, saved or loaded."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        config = tiny_dsl_config(pad_token_id=0, bos_token_id=2, eos_token_id=2)
+        config.validate()
+        config.save_pretrained(tmp_path)
+        type(config).from_pretrained(tmp_path).validate()
+    finally:
+        hf_logging.disable_propagation()
+    assert config.mask_token_id == config.vocab_size
+    assert "within the vocabulary" not in caplog.text
 
 
 def test_model_warns_beyond_max_position_embeddings(model, caplog):
