@@ -347,11 +347,6 @@ class DiffusionTextGenerationPipeline(Pipeline):
 
     def _forward(self, model_inputs, sampler=None, return_trajectory=False, return_confidences=False,
                  progress_bar=True, callback=None, synced_gpus=None, **knobs):  # fmt: skip
-        for name, flag in (("return_trajectory", return_trajectory), ("return_confidences", return_confidences),
-                           ("progress_bar", progress_bar)):  # fmt: skip
-            _check_bool(name, flag)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable as callback(step_index, state), got {type(callback).__name__}.")
         sampler_object = self._build_sampler(sampler, knobs)
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in model_inputs["seeds"]]
         attention_mask = model_inputs["attention_mask"]

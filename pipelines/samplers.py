@@ -689,6 +689,13 @@ class DiffusionSampler:
             synced_gpus: every rank makes the same number of forward passes (skip the cache only when all ranks
                 agree). None = True iff torch.distributed runs with more than one rank.
         """
+        for name, flag in (("return_trajectory", return_trajectory), ("return_confidences", return_confidences),
+                           ("progress_bar", progress_bar)):  # fmt: skip
+            _check_bool(name, flag)  # a string such as "no" is truthy
+        if synced_gpus is not None:
+            _check_bool("synced_gpus", synced_gpus)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(step_index, state), got {type(callback).__name__}.")
         if getattr(model, "training", False):
             logger.warning_once("the model is in training mode (dropout on): call model.eval() before sampling.")
         inputs = prepare_inputs(model, input_ids, attention_mask, batch_size, seq_len)

@@ -341,6 +341,10 @@ SAMPLER_RUN_CASES = [
     ("generator list too short", "mdlm", {}, dict(batch_size=2, generator=[torch.Generator()]), ValueError,
      "got 1 generators for a batch of 2 rows"),
     ("generator of the wrong type", "mdlm", {}, dict(generator=7), TypeError, "generator must be None, a torch.Generator"),
+    ("return_trajectory 'no'", "mdlm", {}, dict(return_trajectory="no"), TypeError, "return_trajectory must be True or False"),
+    ("progress_bar None", "mdlm", {}, dict(progress_bar=None), TypeError, "progress_bar must be True or False"),
+    ("synced_gpus 1", "mdlm", {}, dict(synced_gpus=1), TypeError, "synced_gpus must be True or False"),
+    ("callback not callable", "mdlm", {}, dict(callback=[]), TypeError, "callback must be callable"),
     ("decreasing snr_grid", "dsl-sde", {}, dict(snr_grid=torch.tensor([1.0, 0.5, 2.0])), ValueError,
      "snr_grid must be finite, >= 0 and non-decreasing"),
 ]
@@ -351,7 +355,7 @@ def test_sampler_run_rejects(model, name, knobs, run_kwargs, exception, fragment
     sampler = get_sampler(name, num_steps=2, **knobs)
     run_kwargs = {"seq_len": 4, **run_kwargs} if "input_ids" not in run_kwargs else run_kwargs
     with raises(exception, fragment):
-        sampler.run(model, progress_bar=False, **run_kwargs)
+        sampler.run(model, **{"progress_bar": False, **run_kwargs})
 
 
 @pytest.mark.parametrize(
