@@ -520,6 +520,26 @@ def test_finetune_rejects_before_loading_data(run_dir, tmp_path, saved_model, ex
         run(argv)
 
 
+@pytest.mark.parametrize(
+    "content, kwargs, exception, fragment",
+    [
+        ("not json\n", {}, ValueError, "as one JSON object per line (.jsonl) or a JSON list of objects (.json): ArrowInvalid"),
+        ('{"body": "w1 w2"}\n', {}, ValueError, "text_column='text' is not a column of the dataset; its columns are ['body']"),
+        (None, {}, ValueError, "Local data file(s) not found"),
+        ('{"text": "w1 w2"}\n', dict(packing="sliding"), ValueError, "packing='sliding'; accepted: ('wrapped', 'padded')"),
+    ],
+    ids=["not JSON", "no text column", "missing file", "unknown packing"],
+)
+def test_data_rejects(tmp_path, tokenizer, content, kwargs, exception, fragment):
+    from dsl_diffusion.trainer.data import build_datasets
+
+    path = tmp_path / "corpus.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with raises(exception, fragment):
+        build_datasets(str(path), tokenizer, 16, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------------
