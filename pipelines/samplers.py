@@ -1169,6 +1169,12 @@ class HybridSampler(DiffusionSampler):
         config = self.config
         mask_token_id = model.config.mask_token_id
         s_hi = self._s_hi(model)
+        if config.snr_star > s_hi:
+            # The SDE would run past the SNR that stands for a clean token, which no training draw reaches.
+            raise ValueError(
+                f"snr_star={config.snr_star} must be <= s_hi={s_hi} (the SNR of a clean token): the continuous phase "
+                "stops at or before it, then commits. Lower snr_star."
+            )
         discrete = (ReMDMSampler if config.discrete_strategy != "mdlm" else MDLMSampler)(config.discrete_config())
         sde = DSLSDESampler(
             SDEConfig(

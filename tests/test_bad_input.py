@@ -332,6 +332,7 @@ def test_sampler_config_rejects(name, knobs, exception, fragment):
 SAMPLER_RUN_CASES = [
     ("snr_min above the model's snr_max", "dsl-sde", dict(snr_min=200.0), {}, ValueError,
      "snr_min=200.0 must be < snr_max=100.0: the log-linear SNR grid rises"),
+    ("hybrid snr_star above s_hi", "hybrid", dict(snr_star=1e9), {}, ValueError, "snr_star=1000000000.0 must be <= s_hi=100.0"),
     ("float input_ids", "mdlm", {}, dict(input_ids=torch.full((1, 4), 32.0)), ValueError, "input_ids must be a LongTensor"),
     ("input_ids beyond [MASK]", "mdlm", {}, dict(input_ids=torch.full((1, 4), 40)), ValueError, "input_ids must lie in [0, 32]"),
     ("attention_mask 2", "mdlm", {}, dict(input_ids=torch.full((1, 4), 32), attention_mask=torch.full((1, 4), 2)), ValueError,
