@@ -394,7 +394,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             "mask_token_id": input_rows - 1,
             "hidden_size": hidden_size,
             "num_hidden_layers": len(block_ids),
-            "num_attention_heads": num_attention_heads or mdlm_config.get("n_heads") or hidden_size // 64,
+            "num_attention_heads": num_attention_heads or mdlm_config.get("n_heads") or _heads_from_width(hidden_size),
             "cond_dim": state_dict[f"{MDLM_PREFIX}sigma_map.mlp.0.weight"].shape[0]
             if f"{MDLM_PREFIX}sigma_map.mlp.0.weight" in state_dict
             else mdlm_config.get("cond_dim", 128),
@@ -670,6 +670,17 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         if not return_dict:
             return (logits, all_hidden_states) if output_hidden_states else (logits,)
         return DSLMaskedDiffusionOutput(logits=logits, hidden_states=all_hidden_states)
+
+
+def _heads_from_width(hidden_size: int) -> int:
+    """MDLM's head dimension is 64; the weights do not record the head count, so a narrower model needs it given."""
+    if hidden_size < 64:
+        raise ValueError(
+            f"the checkpoint has no config.json naming n_heads, and its width hidden_size={hidden_size} is below MDLM's "
+            "head dimension 64, so the head count cannot be inferred: pass num_attention_heads= "
+            "(dsl-convert-mdlm: --num_attention_heads)."
+        )
+    return hidden_size // 64
 
 
 def _read_mdlm_checkpoint(checkpoint, revision=None) -> tuple[dict, dict]:

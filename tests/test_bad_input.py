@@ -288,6 +288,12 @@ def test_loading_validates_keyword_overrides(saved_model, overrides, fragment):
         DSLForMaskedDiffusion.from_pretrained(saved_model, **overrides)
 
 
+def test_from_mdlm_asks_for_the_head_count_it_cannot_infer():
+    state_dict = random_mdlm_state_dict(vocab_with_mask=41, hidden=32, blocks=2, cond=16)
+    with raises(ValueError, "hidden_size=32 is below MDLM's head dimension 64, so the head count cannot be inferred"):
+        DSLForMaskedDiffusion.from_mdlm(state_dict)
+
+
 def test_loading_through_auto_model_names_the_truncated_file(broken_folders):
     from transformers import AutoModel
 
