@@ -490,9 +490,10 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
     def _check_forward_inputs(
         self, input_ids, noisy_states, attention_mask, timesteps, endpoint_snr, extra_kwargs: dict
     ) -> None:
-        """Reject what `forward` would otherwise ignore or turn into NaN: a misspelled or irrelevant argument,
-        `timesteps` for a model without time conditioning, `endpoint_snr` with noisy states (their SNR is in z), non-float or non-finite noisy states, an attention mask
-        that is not 0/1. Warn once for a length the model was not trained for."""
+        """Reject what `forward` would otherwise ignore or turn into NaN: a misspelled or irrelevant argument
+        (`timesteps` for a model without time conditioning, `endpoint_snr` with noisy states, whose SNR is in z),
+        non-float or non-finite noisy states, an attention mask that is not 0/1. Warn once for a length the model
+        was not trained for."""
         unknown = sorted(set(extra_kwargs) - set(FRAMEWORK_FORWARD_KWARGS))
         if unknown:
             raise TypeError(
@@ -632,13 +633,9 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if input_ids is not None:
+            self._check_token_ids(input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}.")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() > self.config.mask_token_id):
-                raise ValueError(
-                    f"input_ids must lie in [0, {self.config.mask_token_id}] ({self.config.vocab_size} tokens and "
-                    f"[MASK]={self.config.mask_token_id}); got range [{int(input_ids.min())}, {int(input_ids.max())}]."
-                )
             hidden = self.embed_endpoints(input_ids, endpoint_snr)
             batch_size, length = input_ids.shape
         else:

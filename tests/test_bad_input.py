@@ -180,6 +180,7 @@ FORWARD_CASES = [
     ("both inputs", lambda m, ids: m(input_ids=ids, noisy_states=_states(m, ids)), ValueError, "pass exactly one of"),
     ("no input", lambda m, ids: m(), ValueError, "pass exactly one of"),
     ("ids too large", lambda m, ids: m(input_ids=ids + 40), ValueError, "input_ids must lie in [0, 32]"),
+    ("float ids", lambda m, ids: m(input_ids=ids.float()), TypeError, "input_ids must be an integer tensor of token ids, got torch.float32"),
     ("states wrong width", lambda m, ids: m(noisy_states=torch.zeros(2, 8, 5)), ValueError, "noisy_states must be [batch, length, 8]"),
     ("noisy_states ids -1", lambda m, ids: m.noisy_states(ids.masked_fill(ids == ids[0, 0], -1), 1.0), ValueError,
      "input_ids must lie in [0, 32]"),
