@@ -141,7 +141,7 @@ def test_config_validates_before_deriving_defaults():
         tiny_dsl_config(embed_dim=0, converter_beta_init=None)
 
 
-def test_config_accepts_mdlm_config_names_after_validation():
+def test_config_validates_sizes_given_with_mdlm_names():
     with raises(ValueError, "num_hidden_layers=0 must be an integer >= 1"):
         tiny_dsl_config(vocab_size=33, mask_token_id=None, n_blocks=0)
 
