@@ -87,8 +87,8 @@ def evaluate_likelihood(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"Unknown likelihood estimator {estimator!r}; accepted: {sorted(ESTIMATORS)}")
-    if num_characters is not None and num_characters <= 0:
-        raise ValueError(f"num_characters must be > 0, got {num_characters}")
+    if num_characters is not None and not (math.isfinite(num_characters) and num_characters > 0):
+        raise ValueError(f"num_characters must be a finite number > 0 (the evaluated text's length), got {num_characters}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     if estimator == "diffusion":

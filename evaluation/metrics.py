@@ -291,8 +291,10 @@ def compute_mauve(
         raise ValueError(f"kmeans_explained_var must be in (0, 1), got {kmeans_explained_var}")
     if not (num_buckets == "auto" or (isinstance(num_buckets, int) and num_buckets >= 2)):
         raise ValueError(f"num_buckets must be 'auto' or an integer >= 2, got {num_buckets!r}")
-    if mauve_scaling_factor <= 0:
-        raise ValueError(f"mauve_scaling_factor must be > 0, got {mauve_scaling_factor}")
+    if not (isinstance(mauve_scaling_factor, (int, float)) and math.isfinite(mauve_scaling_factor) and mauve_scaling_factor > 0):
+        raise ValueError(
+            f"mauve_scaling_factor must be a finite number > 0 (the protocol uses 5), got {mauve_scaling_factor!r}"
+        )
     seeds = [int(seed) for seed in seeds]
     if not seeds:
         raise ValueError("`seeds` is empty: give at least one k-means seed")
@@ -597,8 +599,13 @@ def unigram_entropy(token_ids) -> float:
     token_ids = torch.as_tensor(token_ids).reshape(-1)
     if token_ids.numel() == 0:
         raise ValueError("unigram_entropy got an empty sequence")
-    if token_ids.is_floating_point():
+    if token_ids.is_floating_point() or token_ids.dtype == torch.bool:
         raise TypeError(f"token ids must be integers, got dtype {token_ids.dtype}")
+    if int(token_ids.min()) < 0:
+        raise ValueError(
+            f"token ids must be >= 0, got {int(token_ids.min())}: pass the raw generated ids (padding such as -100 "
+            "removed)."
+        )
     _, counts = torch.unique(token_ids, return_counts=True)
     return float(torch.special.entr(counts.double() / counts.sum()).sum())
 

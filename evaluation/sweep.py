@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, HfArgumentParser
 
-from ..pipelines.samplers import resolve_sampler_name, sampler_knobs
+from ..pipelines.samplers import get_sampler, resolve_sampler_name, sampler_knobs
 from .metrics import (
     PROTOCOL_FEATURIZER,
     PROTOCOL_JUDGE,
@@ -140,6 +140,16 @@ class SweepArguments:
             raise ValueError("samplers is empty")
         for sampler in self.samplers:
             resolve_sampler_name(sampler)  # raises with the accepted names
+        # Settings the metrics read only after every cell is sampled: checked now, not hours later.
+        for name, minimum in (("seq_len", 1), ("num_references", 2), ("featurizer_max_length", 1),
+                              ("featurizer_batch_size", 1), ("judge_max_length", 2), ("judge_batch_size", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum} (or unset for its default), got {value}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (sample i uses seed + i), got {self.seed}")
+        if not self.mauve_seeds:
+            raise ValueError("mauve_seeds is empty: give at least one k-means seed (the protocol uses 25)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.reference_format not in REFERENCE_FORMATS:
@@ -153,6 +163,10 @@ class SweepArguments:
                 self.mauve_num_buckets = int(self.mauve_num_buckets)
             except ValueError:
                 raise ValueError(f"mauve_num_buckets must be 'auto' or an integer, got {self.mauve_num_buckets!r}")
+        if not (math.isfinite(self.mauve_scaling_factor) and self.mauve_scaling_factor > 0):
+            raise ValueError(
+                f"mauve_scaling_factor must be a finite number > 0 (the protocol uses 5), got {self.mauve_scaling_factor}"
+            )
         if (self.baseline is None) != (self.candidate is None):
             raise ValueError("Give both --baseline and --candidate (curve labels `checkpoint / sampler`) or neither")
         self.parsed_sampler_kwargs = self._parse_sampler_kwargs()
@@ -170,7 +184,7 @@ class SweepArguments:
         if unknown:
             raise ValueError(f"sampler_kwargs names samplers {unknown} that are not in --samplers {self.samplers}")
         for sampler, knobs in parsed.items():
-            canonical, _ = resolve_sampler_name(sampler)
+            canonical, implied = resolve_sampler_name(sampler)
             accepted = set(sampler_knobs(canonical)) - {"num_steps"}
             wrong = sorted(set(knobs) - accepted)
             if wrong:
@@ -179,6 +193,13 @@ class SweepArguments:
                     f"--sampler_kwargs for {sampler!r}: {wrong} cannot be set there (num_steps comes from --steps); "
                     f"knobs of {canonical!r}: {sorted(accepted)}"
                 )
+            # The values too, at every step budget, before any checkpoint is loaded.
+            budgets = self.steps if "num_steps" in sampler_knobs(canonical) else [None]
+            for steps in budgets:
+                try:
+                    get_sampler(canonical, **{**knobs, **implied, **({"num_steps": steps} if steps else {})})
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"--sampler_kwargs for {sampler!r} (at --steps {steps}): {err}") from err
         return parsed
 
     def checkpoint_labels(self) -> dict[str, str]:
@@ -531,6 +552,21 @@ def _write_reports(args: SweepArguments, report: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_sweep_checkpoint(label: str, path: str) -> None:
+    """A local checkpoint must exist and hold a readable model (config.json and weights)."""
+    from ..modeling_dsl.modeling_dsl import check_checkpoint_files
+
+    try:
+        check_checkpoint_files(path)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"--checkpoints {label}={path}: {err}") from err
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"--checkpoints {label}={path}: the folder has no config.json; pass a folder written by "
+            "save_pretrained (dsl-finetune's --output_dir or a checkpoint-N folder)."
+        )
+
+
 def _load_checkpoint(path: str, args: SweepArguments):
     import transformers
 
@@ -569,6 +605,8 @@ def run_sweep(args: SweepArguments) -> dict:
                 f"--baseline/--candidate {curve!r} is not a curve of this sweep: use `<checkpoint label> / <sampler>` "
                 f"with a label of {sorted(checkpoints)} and a sampler of {args.samplers}"
             )
+    for label, path in checkpoints.items():
+        _check_sweep_checkpoint(label, path)  # before anything is written or sampled
     num_references = args.num_references or args.num_samples
     if num_references != args.num_samples:
         logger.warning("MAUVE compares %d references with %d samples per cell", num_references, args.num_samples)

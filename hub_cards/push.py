@@ -17,10 +17,12 @@ after the folder. ``--endpoint`` (or ``HF_ENDPOINT``) selects another Hub, e.g. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,20 +83,65 @@ def _load_sweep(sweep_dir: str) -> dict:
     path = Path(sweep_dir) / "sweep_results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{sweep_dir} has no sweep_results.json: pass the --output_dir of a dsl-evaluate run")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json_object(path, "a dsl-evaluate sweep report")
+
+
+def _read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object read from ``path``, or an error naming the file and what it should hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: it should be {what} (a JSON file).")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): it should be {what}.") from err
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}), got {type(content).__name__}.")
+    return content
+
+
+@contextlib.contextmanager
+def _atomic_folder(folder: Path):
+    """Yield a fresh staging folder beside ``folder``; it becomes ``folder`` only if the block succeeds, so that
+    an error never leaves a half-built folder (and a corrected retry finds ``folder`` still free)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)  # mkdtemp creates it owner-only
+        if folder.exists():
+            folder.rmdir()  # checked empty before the build: os.replace needs the name free or an empty folder
+        staging.replace(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_upload_folder(args: PushArguments) -> Path:
-    """Build the repository folder (model, tokenizer, remote code, pipeline, defaults, card, evaluation files)."""
+    """Build the repository folder (model, tokenizer, remote code, pipeline, defaults, card, evaluation files), all
+    inputs checked first and the folder appearing only when complete."""
+    from ..modeling_dsl.modeling_dsl import check_checkpoint_files
+
+    target = Path(args.output_dir)
+    if target.is_file() or (target.is_dir() and any(target.iterdir())):
+        raise FileExistsError(f"{target} is not empty: give an empty or new --output_dir for the repository folder")
+    # Every input is checked before the (slow) build starts.
+    check_checkpoint_files(args.model_path)
+    sweep_report = _load_sweep(args.sweep_dir) if args.sweep_dir is not None else None
+    training_details = (
+        _read_json_object(args.training_details, "a JSON object of training settings")
+        if args.training_details is not None
+        else None
+    )
+    with _atomic_folder(target) as folder:
+        _build_upload_folder(args, folder, sweep_report, training_details)
+    return target
+
+
+def _build_upload_folder(args: PushArguments, folder: Path, sweep_report: dict | None, training_details: dict | None):
     import transformers
 
     from .. import pipelines  # noqa: F401  (registers the DSL model classes and the pipeline task)
     from ..trainer.tokenization import load_tokenizer
-
-    folder = Path(args.output_dir)
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty: give an empty or new --output_dir for the repository folder")
-    folder.mkdir(parents=True, exist_ok=True)
 
     model = AutoModel.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = load_tokenizer(args.tokenizer or args.model_path)
@@ -108,9 +155,8 @@ def prepare_upload_folder(args: PushArguments) -> Path:
     # its generation config.
     pipe.save_pretrained(folder)
 
-    sweep_report, plot_paths = None, {}
+    plot_paths = {}
     if args.sweep_dir is not None:
-        sweep_report = _load_sweep(args.sweep_dir)
         (folder / EVALUATION_FOLDER).mkdir()
         for name in (*SWEEP_FILES, *SWEEP_PLOTS.values()):
             source = Path(args.sweep_dir) / name
@@ -121,11 +167,6 @@ def prepare_upload_folder(args: PushArguments) -> Path:
             for metric, name in SWEEP_PLOTS.items()
             if (folder / EVALUATION_FOLDER / name).is_file()
         }
-    training_details = None
-    if args.training_details is not None:
-        training_details = json.loads(Path(args.training_details).read_text(encoding="utf-8"))
-        if not isinstance(training_details, dict):
-            raise ValueError(f"{args.training_details} must hold a JSON object of training settings")
 
     config = model.config
     card = build_model_card(
@@ -149,7 +190,6 @@ def prepare_upload_folder(args: PushArguments) -> Path:
         sweep_results_file=f"{EVALUATION_FOLDER}/sweep_results.json",
     )
     card.save(folder / "README.md")
-    return folder
 
 
 def upload_to_hub(

@@ -15,6 +15,39 @@ MDLM_CONFIG_ALIASES = {
 SNR_CONDITIONING_MODES = ("none", "norm")
 # How `forward(input_ids=...)` shows the discrete endpoints ([MASK] = SNR 0, a token = SNR s_hi) to the backbone.
 ENDPOINT_INPUTS = ("table", "converter", "converter_at_mask")
+# Fields that count something (widths, depths, lengths): each must be an integer >= 1.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "cond_dim",
+    "max_position_embeddings",
+    "embed_dim",
+)
+
+
+def check_size(name: str, value) -> None:
+    """A size field: an integer >= 1 (a bool is not a size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1; pass a positive size.")
+
+
+def check_real(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False, hint: str = "") -> None:
+    """A float field: a finite real number in the interval [low, high] (a bound is excluded when `*_open`).
+
+    NaN and +-inf fail every comparison-based range check, so finiteness is tested first."""
+    opening = "(" if low_open or math.isinf(low) else "["
+    closing = ")" if high_open or math.isinf(high) else "]"
+    interval = f"{opening}{low:g}, {high:g}{closing}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a real number in {interval}.{hint}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(f"{name}={value!r} must be a finite number in {interval}.{hint}")
 
 
 @strict(accept_kwargs=True)
@@ -94,6 +127,8 @@ class DSLConfig(PreTrainedConfig):
             self.mask_token_id = self.vocab_size
             for mdlm_only in ("text_vocab_size", "auto_map", "model_type"):
                 kwargs.pop(mdlm_only, None)
+        # Validate what the user gave before deriving defaults from it (1/sqrt(embed_dim), log(V + 1), 4 * hidden).
+        self._validate_given_fields()
         if self.mask_token_id is None:
             self.mask_token_id = self.vocab_size
         if self.intermediate_size is None:
@@ -105,6 +140,42 @@ class DSLConfig(PreTrainedConfig):
         self.snr_max = float(self.snr_max)
         self._validate_dsl_fields()
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, which sets keyword overrides (`from_pretrained(path, snr_max=...)`) as plain
+        attributes after construction: validate them as the constructor would have."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config._validate_given_fields()
+        config._validate_dsl_fields()
+        return loaded
+
+    def _validate_given_fields(self):
+        """Every size >= 1 and every float finite and in range, before any default is derived from them."""
+        for name in SIZE_FIELDS:
+            if name == "intermediate_size" and self.intermediate_size is None:
+                continue
+            check_size(name, getattr(self, name))
+        check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        check_real("layer_norm_eps", self.layer_norm_eps, low=0.0, high=1.0, low_open=True,
+                   hint=" It keeps the LayerNorm's variance away from 0 (MDLM: 1e-5).")
+        check_real("rope_theta", self.rope_theta, low=1.0, low_open=True,
+                   hint=" The rotary base must exceed 1 for the frequencies to decrease (MDLM: 10000).")
+        check_real("snr_max", self.snr_max, low=0.0, low_open=True, hint=" It is the SNR of a clean token (default 100).")
+        check_real("direction_init_std", self.direction_init_std, low=0.0, low_open=True,
+                   hint=" The token directions are normalized Gaussian draws: a std of 0 makes them all zero.")
+        check_real("initializer_range", self.initializer_range, low=0.0)
+        if self.converter_beta_init is not None:
+            check_real("converter_beta_init", self.converter_beta_init, low=0.0, low_open=True,
+                       hint=" It is the converter's inverse temperature (None = 1/sqrt(embed_dim)).")
+        if self.converter_mask_bias is not None:
+            check_real("converter_mask_bias", self.converter_mask_bias,
+                       hint=" None = log((vocab_size + 1) * 99), so that p~(mask | z = 0) ~= 0.99.")
+        if self.snr_conditioning not in SNR_CONDITIONING_MODES:
+            raise ValueError(
+                f"snr_conditioning={self.snr_conditioning!r} is not supported; accepted: {SNR_CONDITIONING_MODES}."
+            )
 
     def _validate_dsl_fields(self):
         self.validate_token_ids()
@@ -120,10 +191,6 @@ class DSLConfig(PreTrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings.")
-        if self.snr_conditioning not in SNR_CONDITIONING_MODES:
-            raise ValueError(
-                f"snr_conditioning={self.snr_conditioning!r} is not supported; accepted: {SNR_CONDITIONING_MODES}."
-            )
         if self.snr_conditioning != "none" and self.time_conditioning:
             raise ValueError("time_conditioning=True and snr_conditioning='norm' both claim the adaLN input; pick one.")
         if self.endpoint_inputs not in ENDPOINT_INPUTS:
@@ -131,12 +198,6 @@ class DSLConfig(PreTrainedConfig):
                 f"endpoint_inputs={self.endpoint_inputs!r} is not supported; accepted: {ENDPOINT_INPUTS} (\"table\" for "
                 "MDLM weights, \"converter\" for weights trained with the DSL objective)."
             )
-        if self.snr_max <= 0:
-            raise ValueError(f"snr_max={self.snr_max} must be > 0.")
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim={self.embed_dim} must be >= 1.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1).")
 
     def validate_token_ids(self):
         """Special ids index the INPUT side, which has V real tokens plus `[MASK]` (id V): accept 0..V."""

@@ -51,16 +51,20 @@ def convert(args: ConvertArguments) -> DSLForMaskedDiffusion:
         snr_max=args.snr_max,
         snr_conditioning=args.snr_conditioning,
     )
-    model.save_pretrained(args.output_dir)
+    tokenizer = None
     if args.tokenizer and args.tokenizer.lower() != "none":
         from ..trainer.tokenization import load_tokenizer  # not remote code: the library's own helper
 
         tokenizer = load_tokenizer(args.tokenizer)
+        # Checked before anything is written: a mismatch must not leave a model folder without its tokenizer.
         if len(tokenizer) != model.config.vocab_size + 1:
             raise ValueError(
                 f"tokenizer {args.tokenizer!r} has {len(tokenizer)} ids but the model expects "
-                f"{model.config.vocab_size + 1} (vocab_size + [MASK])."
+                f"{model.config.vocab_size + 1} (vocab_size + [MASK]); pass the checkpoint's own tokenizer, or "
+                "--tokenizer none to convert without one."
             )
+    model.save_pretrained(args.output_dir)
+    if tokenizer is not None:
         tokenizer.save_pretrained(args.output_dir)
     logger.info("wrote %s (%.1fM parameters)", args.output_dir, model.num_parameters() / 1e6)
     return model

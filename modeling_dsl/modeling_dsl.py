@@ -25,12 +25,65 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import load_state_dict
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_dsl import DSLConfig
 
 SINUSOID_DIM = 256  # MDLM's frequency-embedding width for the conditioning scalar
 MDLM_PREFIX = "backbone."
+# Keyword arguments that transformers' own machinery (Trainer, PEFT, pipelines, generation utilities) may pass to
+# any model's forward; the denoiser has no attention weights to return and no KV cache, so they carry nothing.
+FRAMEWORK_FORWARD_KWARGS = ("output_attentions", "use_cache", "past_key_values", "num_items_in_batch")
+
+logger = logging.get_logger(__name__)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A Hub repo id is `name` or `owner/name`; anything absolute, relative (`./`, `../`, `~`) or deeper is a path."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def check_checkpoint_files(checkpoint) -> None:
+    """Fail with the offending path before loading: a missing local folder or file (instead of the Hub client's
+    "Repo id must be in the form ..."), a `config.json` that is not JSON, or a truncated safetensors file."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return
+    path = os.path.expanduser(os.fspath(checkpoint))
+    if not os.path.exists(path):
+        if _looks_like_local_path(os.fspath(checkpoint)):
+            raise FileNotFoundError(
+                f"{os.fspath(checkpoint)!r} does not exist (looked for a local folder or file from {os.getcwd()!r}); "
+                "pass an existing model folder, a weights file, or a Hub repo id of the form 'owner/name'."
+            )
+        return  # a Hub repo id: the Hub client reports its own errors
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"{config_path} is not valid JSON ({err}); restore the file (e.g. save the model again)."
+            ) from err
+    weights = [path] if os.path.isfile(path) else [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
+    for weights_path in weights:
+        if weights_path.endswith(".safetensors") and os.path.isfile(weights_path):
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(weights_path, framework="pt"):
+                    pass
+            except SafetensorError as err:
+                raise OSError(
+                    f"{weights_path} is not a readable safetensors file ({err}): it is probably truncated by an "
+                    "interrupted download or copy; save or download it again."
+                ) from err
 
 
 @dataclass
@@ -268,6 +321,26 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         self.converter_bias = nn.Parameter(torch.empty(config.num_input_slots))
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with clear errors for a missing local path, a non-JSON config or a
+        truncated weights file, and an error (not a warning table) for weights the config has no place for, such as
+        a checkpoint with more blocks than its `num_hidden_layers`."""
+        check_checkpoint_files(pretrained_model_name_or_path)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        unexpected = sorted(loading_info.get("unexpected_keys") or [])
+        if unexpected:
+            raise ValueError(
+                f"{os.fspath(pretrained_model_name_or_path)!r} holds {len(unexpected)} weights that its config has no "
+                f"place for, e.g. {unexpected[:4]}: the config (num_hidden_layers={model.config.num_hidden_layers}, "
+                f"hidden_size={model.config.hidden_size}, ...) does not describe these weights. Fix config.json to "
+                "match the weights (or pass the right sizes as keyword arguments)."
+            )
+        return (model, loading_info) if wants_loading_info else model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` records one Auto class; the same class also serves AutoModelForMaskedLM.
         if self._auto_class is not None:
@@ -300,7 +373,13 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             dtype: dtype of the returned model (default float32).
             config_overrides: DSL settings for the new parts, e.g. `embed_dim=64`, `snr_max=100.0`, `dropout=0.1`.
         """
+        check_checkpoint_files(checkpoint)
         mdlm_config, state_dict = _read_mdlm_checkpoint(checkpoint, revision)
+        if mdlm_config.get("model_type") == DSLConfig.model_type:
+            raise ValueError(
+                f"{checkpoint!r} is already a DSL model (config.json has model_type 'dsl'), not an MDLM checkpoint: "
+                "load it with DSLForMaskedDiffusion.from_pretrained (dsl-finetune: --model_name_or_path)."
+            )
         state_dict = {key: value for key, value in state_dict.items() if key.startswith(MDLM_PREFIX)}
         if f"{MDLM_PREFIX}vocab_embed.embedding" not in state_dict:
             raise ValueError(
@@ -315,7 +394,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             "mask_token_id": input_rows - 1,
             "hidden_size": hidden_size,
             "num_hidden_layers": len(block_ids),
-            "num_attention_heads": num_attention_heads or mdlm_config.get("n_heads") or hidden_size // 64,
+            "num_attention_heads": num_attention_heads or mdlm_config.get("n_heads") or _heads_from_width(hidden_size),
             "cond_dim": state_dict[f"{MDLM_PREFIX}sigma_map.mlp.0.weight"].shape[0]
             if f"{MDLM_PREFIX}sigma_map.mlp.0.weight" in state_dict
             else mdlm_config.get("cond_dim", 128),
@@ -385,6 +464,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             snr: a float, a `[batch]` tensor (per sequence) or a `[batch, length]` tensor (per token), all >= 0.
             generator: optional `torch.Generator` for the Gaussian noise.
         """
+        self._check_token_ids(input_ids)
         is_mask = input_ids == self.config.mask_token_id
         snr = self._broadcast_snr(snr, input_ids.shape, input_ids.device).masked_fill(is_mask, 0.0)
         directions = self.token_directions()
@@ -393,6 +473,73 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         noise_device = generator.device if generator is not None else e.device
         noise = torch.randn(e.shape, generator=generator, device=noise_device, dtype=e.dtype).to(e.device)
         return snr[..., None] * e + snr.sqrt()[..., None] * noise
+
+    def _check_token_ids(self, input_ids) -> None:
+        """Ids index the converter's table: a negative id would silently wrap around to the last rows."""
+        if not torch.is_tensor(input_ids) or input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(
+                f"input_ids must be an integer tensor of token ids, got "
+                f"{type(input_ids).__name__ if not torch.is_tensor(input_ids) else input_ids.dtype}."
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() > self.config.mask_token_id):
+            raise ValueError(
+                f"input_ids must lie in [0, {self.config.mask_token_id}] ({self.config.vocab_size} tokens and "
+                f"[MASK]={self.config.mask_token_id}); got range [{int(input_ids.min())}, {int(input_ids.max())}]."
+            )
+
+    def _check_forward_inputs(
+        self, input_ids, noisy_states, attention_mask, timesteps, endpoint_snr, extra_kwargs: dict
+    ) -> None:
+        """Reject what `forward` would otherwise ignore or turn into NaN: a misspelled or irrelevant argument
+        (`timesteps` for a model without time conditioning, `endpoint_snr` with noisy states, whose SNR is in z),
+        non-float or non-finite noisy states, an attention mask that is not 0/1. Warn once for a length the model
+        was not trained for."""
+        unknown = sorted(set(extra_kwargs) - set(FRAMEWORK_FORWARD_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward got unexpected arguments {unknown}; accepted: input_ids, noisy_states, "
+                "attention_mask, timesteps, endpoint_snr, output_hidden_states, return_dict (check the spelling)."
+            )
+        if extra_kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported: the attention kernels do not return weights.")
+        if timesteps is not None and not self.config.time_conditioning:
+            raise ValueError(
+                "timesteps were given but this model has time_conditioning=False: the DSL denoiser has no time input "
+                "(an SNR lives in the noisy states). Drop `timesteps`, or use a time-conditioned MDLM model."
+            )
+        if endpoint_snr is not None:
+            self._endpoint_snr(endpoint_snr)  # its range, even where the "table" endpoints do not read it
+        if endpoint_snr is not None and noisy_states is not None:
+            raise ValueError(
+                "endpoint_snr applies to input_ids (the SNR at which a decoded token is shown); noisy_states carry their "
+                "own SNR in z. Drop endpoint_snr, or pass input_ids."
+            )
+        if noisy_states is not None:
+            if not torch.is_tensor(noisy_states) or not noisy_states.is_floating_point():
+                raise TypeError(
+                    "noisy_states must be a float tensor z = s e_x + sqrt(s) eps (see `noisy_states()`), got "
+                    f"{noisy_states.dtype if torch.is_tensor(noisy_states) else type(noisy_states).__name__}; "
+                    "token ids go to `input_ids`."
+                )
+            if not bool(torch.isfinite(noisy_states).all()):
+                raise ValueError(
+                    "noisy_states contain NaN or infinite values; every state must be finite (z = 0 is [MASK])."
+                )
+        if attention_mask is not None:
+            if not torch.is_tensor(attention_mask):
+                raise TypeError(f"attention_mask must be a tensor of 0/1, got {type(attention_mask).__name__}.")
+            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError(
+                    f"attention_mask must hold only 0 (padding) and 1 (real token); got values "
+                    f"{sorted(set(attention_mask.unique().tolist()))[:8]}. Use 1 for every position to attend to."
+                )
+        sequence = input_ids if input_ids is not None else noisy_states
+        length = sequence.shape[1] if torch.is_tensor(sequence) and sequence.dim() >= 2 else None
+        if length is not None and length > self.config.max_position_embeddings:
+            logger.warning_once(
+                f"sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}: the "
+                "rotary positions beyond it were never trained, so quality will likely degrade."
+            )
 
     def posterior_mean(self, logits: torch.Tensor) -> torch.Tensor:
         """x_hat_i = sum_v p_theta(v | z) e_v, the denoiser's estimate of the clean direction, `[batch, length, d]`."""
@@ -479,19 +626,16 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         """
         if (input_ids is None) == (noisy_states is None):
             raise ValueError("pass exactly one of `input_ids` (discrete endpoints) or `noisy_states` (continuous z).")
+        self._check_forward_inputs(input_ids, noisy_states, attention_mask, timesteps, endpoint_snr, kwargs)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if input_ids is not None:
+            self._check_token_ids(input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}.")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() > self.config.mask_token_id):
-                raise ValueError(
-                    f"input_ids must lie in [0, {self.config.mask_token_id}] ({self.config.vocab_size} tokens and "
-                    f"[MASK]={self.config.mask_token_id}); got range [{int(input_ids.min())}, {int(input_ids.max())}]."
-                )
             hidden = self.embed_endpoints(input_ids, endpoint_snr)
             batch_size, length = input_ids.shape
         else:
@@ -523,6 +667,17 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         if not return_dict:
             return (logits, all_hidden_states) if output_hidden_states else (logits,)
         return DSLMaskedDiffusionOutput(logits=logits, hidden_states=all_hidden_states)
+
+
+def _heads_from_width(hidden_size: int) -> int:
+    """MDLM's head dimension is 64; the weights do not record the head count, so a narrower model needs it given."""
+    if hidden_size < 64:
+        raise ValueError(
+            f"the checkpoint has no config.json naming n_heads, and its width hidden_size={hidden_size} is below MDLM's "
+            "head dimension 64, so the head count cannot be inferred: pass num_attention_heads= "
+            "(dsl-convert-mdlm: --num_attention_heads)."
+        )
+    return hidden_size // 64
 
 
 def _read_mdlm_checkpoint(checkpoint, revision=None) -> tuple[dict, dict]:

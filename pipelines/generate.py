@@ -9,6 +9,7 @@ Without `--output` the texts are printed; with it, one JSON object per sample is
 """
 
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +17,9 @@ import torch
 from transformers import HfArgumentParser, pipeline
 
 from .pipeline_diffusion import TASK, DiffusionTextGenerationPipeline
+from .samplers import resolve_sampler_name
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
@@ -74,10 +78,34 @@ class SamplerArguments:
     discrete_t_start: float | None = field(default=None, metadata={"help": "Hybrid: start time of the discrete phase."})
 
 
+def check_generation_arguments(args: GenerationArguments, sampler_args: SamplerArguments) -> None:
+    """What can be checked before the model is loaded: the model path, the output file's folder, the dtype and the
+    sampler name (a typo must not cost a model load or a sampling run, nor lose its samples)."""
+    from ..modeling_dsl.modeling_dsl import check_checkpoint_files
+
+    check_checkpoint_files(args.model)
+    if args.output:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output):
+            raise IsADirectoryError(f"--output {args.output} is a folder; give a file path such as samples.jsonl.")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"--output {args.output}: the folder {folder} does not exist; create it first (checked before sampling "
+                "so that no samples are lost)."
+            )
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"--output {args.output}: the folder {folder} is not writable.")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is not supported; accepted: {DTYPES}.")
+    if sampler_args.sampler is not None:
+        resolve_sampler_name(sampler_args.sampler)  # the knobs' values need the model's stored defaults: checked later
+
+
 def main(argv: list[str] | None = None) -> list[list[dict]]:
     """Parse the arguments, generate, print or write the samples; returns them (one list per prompt)."""
     parser = HfArgumentParser((GenerationArguments, SamplerArguments))
     args, sampler_args = parser.parse_args_into_dataclasses(args=argv)
+    check_generation_arguments(args, sampler_args)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     # A saved folder names its own copy of the pipeline code (`custom_pipelines`): use the library's class unless
     # the user asks for the folder's remote code.
@@ -104,12 +132,13 @@ def main(argv: list[str] | None = None) -> list[list[dict]]:
         **knobs,
     )
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
+        with open(f"{args.output}.tmp", "w", encoding="utf-8") as f:  # renamed when complete: never a partial file
             for prompt_index, (prompt, samples) in enumerate(zip(prompts, results)):
                 for sample_index, sample in enumerate(samples):
                     row = prompt_index * args.num_return_sequences + sample_index
                     record = {"prompt": prompt, "sample_index": sample_index, "seed": args.seed + row, **sample}
                     f.write(json.dumps(record) + "\n")
+        os.replace(f"{args.output}.tmp", args.output)
         print(f"wrote {sum(map(len, results))} samples to {args.output}", file=sys.stderr)
     else:
         for prompt, samples in zip(prompts, results):

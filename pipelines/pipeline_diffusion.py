@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from transformers import AutoModel, Pipeline
 from transformers.utils import PushToHubMixin, cached_file, logging
 
-from .samplers import SAMPLERS, get_sampler, resolve_sampler_name, sampler_knobs
+from .samplers import SAMPLERS, _check_bool, get_sampler, resolve_sampler_name, sampler_knobs
 
 
 logger = logging.get_logger(__name__)
@@ -36,6 +37,9 @@ DIFFUSION_GENERATION_CONFIG_NAME = "diffusion_generation_config.json"
 ALL_SAMPLER_KNOBS = sorted({knob for name in SAMPLERS for knob in sampler_knobs(name)})
 # Settings a generation config may store besides the sampler knobs.
 GENERATION_SETTINGS = ("max_length",)
+# Text that looks like an infill marker ("[mask]", "[MASK", "MASK]", "< mask >"): once the tokenizer's own mask token
+# is removed from a prompt, such a fragment is a typo that would otherwise turn an infill into a continuation.
+MALFORMED_MASK_MARKER = re.compile(r"\[\s*mask\w*\s*\]?|\bmask\s*\]|<\s*mask\s*>", re.IGNORECASE)
 
 
 class DiffusionGenerationConfig(PushToHubMixin):
@@ -271,6 +275,7 @@ class DiffusionTextGenerationPipeline(Pipeline):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name}={value!r} must be a non-negative integer.")
         if prompt:
+            self._check_mask_markers(prompt)
             tokenizer_mask = getattr(self.tokenizer, "mask_token", None)
             if tokenizer_mask is None and "[MASK]" in prompt:
                 raise ValueError(
@@ -310,6 +315,16 @@ class DiffusionTextGenerationPipeline(Pipeline):
         # `return_full_text=False` returns the text from the first generated position on.
         first_generated = input_ids.index(self.mask_token_id)
         return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "prompt_length": first_generated}
+
+    def _check_mask_markers(self, prompt: str) -> None:
+        """Reject a prompt whose would-be infill markers are not the tokenizer's exact mask token."""
+        tokenizer_mask = getattr(self.tokenizer, "mask_token", None) or "[MASK]"
+        malformed = MALFORMED_MASK_MARKER.search(prompt.replace(tokenizer_mask, " "))
+        if malformed:
+            raise ValueError(
+                f"the prompt contains {malformed.group(0)!r}, which looks like a malformed infill marker: write the "
+                f"mask token exactly as {tokenizer_mask!r} (case and brackets included), once per position to fill."
+            )
 
     def _collate(self, rows: list[dict]) -> dict:
         """Left-pad the rows into one batch and build the per-row generators."""
@@ -367,6 +382,10 @@ class DiffusionTextGenerationPipeline(Pipeline):
 
     def postprocess(self, model_outputs, return_tensors=False, return_text=True, return_full_text=True,
                     skip_special_tokens=False, clean_up_tokenization_spaces=None):  # fmt: skip
+        # A string such as "no" is truthy: reject it instead of reading it as True.
+        for name, flag in (("return_tensors", return_tensors), ("return_text", return_text),
+                           ("return_full_text", return_full_text), ("skip_special_tokens", skip_special_tokens)):  # fmt: skip
+            _check_bool(name, flag)
         decode = dict(skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
         records = []
         for row, sequence in enumerate(model_outputs["sequences"]):

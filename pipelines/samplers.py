@@ -100,6 +100,13 @@ def snr_grid(
     - "log-normal": the quantiles of the training SNR law `logN(mean, std)` at `K + 1` equally spaced levels of
       `[0, F(snr_max)]`, so `s_0 = 0`, `s_K = snr_max`, and the steps are dense where training put its SNRs.
     """
+    # snr_max may come from the model config rather than the sampler's own (validated) knobs.
+    _check_range("snr_max", snr_max, 0.0, math.inf, low_open=True, high_open=True)
+    if schedule == "log-linear" and not snr_min < snr_max:
+        raise ValueError(
+            f"snr_min={snr_min} must be < snr_max={snr_max}: the log-linear SNR grid rises from snr_min to snr_max. "
+            "Lower snr_min or raise snr_max."
+        )
     if schedule == "linear":
         return torch.linspace(0.0, snr_max, num_steps + 1, dtype=torch.float64, device=device)
     if schedule == "log-linear":
@@ -341,6 +348,8 @@ def prepare_inputs(model, input_ids=None, attention_mask=None, batch_size=None, 
             raise ValueError(
                 f"attention_mask has shape {list(attention_mask.shape)}, input_ids has {list(tokens.shape)}."
             )
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token).")
         attention_mask = attention_mask.to(device)
         valid = attention_mask.bool()
     generatable = (tokens == mask_token_id) & valid
@@ -680,6 +689,13 @@ class DiffusionSampler:
             synced_gpus: every rank makes the same number of forward passes (skip the cache only when all ranks
                 agree). None = True iff torch.distributed runs with more than one rank.
         """
+        for name, flag in (("return_trajectory", return_trajectory), ("return_confidences", return_confidences),
+                           ("progress_bar", progress_bar)):  # fmt: skip
+            _check_bool(name, flag)  # a string such as "no" is truthy
+        if synced_gpus is not None:
+            _check_bool("synced_gpus", synced_gpus)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(step_index, state), got {type(callback).__name__}.")
         if getattr(model, "training", False):
             logger.warning_once("the model is in training mode (dropout on): call model.eval() before sampling.")
         inputs = prepare_inputs(model, input_ids, attention_mask, batch_size, seq_len)
@@ -1153,6 +1169,12 @@ class HybridSampler(DiffusionSampler):
         config = self.config
         mask_token_id = model.config.mask_token_id
         s_hi = self._s_hi(model)
+        if config.snr_star > s_hi:
+            # The SDE would run past the SNR that stands for a clean token, which no training draw reaches.
+            raise ValueError(
+                f"snr_star={config.snr_star} must be <= s_hi={s_hi} (the SNR of a clean token): the continuous phase "
+                "stops at or before it, then commits. Lower snr_star."
+            )
         discrete = (ReMDMSampler if config.discrete_strategy != "mdlm" else MDLMSampler)(config.discrete_config())
         sde = DSLSDESampler(
             SDEConfig(

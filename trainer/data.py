@@ -76,6 +76,7 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedTokenizerBase
 
@@ -235,14 +236,22 @@ def _load_local_files(files: list[Path], streaming: bool, txt_sample_by: str, ca
         raise ValueError(f"Mixed .txt and .json/.jsonl files in one source: {[str(path) for path in files]}.")
     builder = builders.pop()
     builder_kwargs = {"sample_by": txt_sample_by} if builder == "text" else {}
-    return load_dataset(
-        builder,
-        data_files=[str(path) for path in files],
-        split="train",
-        streaming=streaming,
-        cache_dir=cache_dir,
-        **builder_kwargs,
-    )
+    try:
+        return load_dataset(
+            builder,
+            data_files=[str(path) for path in files],
+            split="train",
+            streaming=streaming,
+            cache_dir=cache_dir,
+            **builder_kwargs,
+        )
+    except DatasetGenerationError as err:
+        # datasets only says "An error occurred while generating the dataset": name the files and the parse error.
+        cause = err.__cause__ or err
+        expected = "one JSON object per line (.jsonl) or a JSON list of objects (.json)" if builder == "json" else "text"
+        raise ValueError(
+            f"could not read {[str(path) for path in files]} as {expected}: {type(cause).__name__}: {cause}"
+        ) from err
 
 
 def _is_hub_id(source: str) -> bool:

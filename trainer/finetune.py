@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -233,6 +234,22 @@ def split_names(values: list[str] | str | None) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
+def check_override_names(overrides: dict) -> None:
+    """DSLConfig keeps unknown keyword arguments as plain attributes: a misspelled override would be ignored."""
+    import dataclasses
+
+    from dsl_diffusion.modeling_dsl import DSLConfig
+    from dsl_diffusion.modeling_dsl.configuration_dsl import MDLM_CONFIG_ALIASES
+
+    accepted = {field.name for field in dataclasses.fields(DSLConfig)} | set(MDLM_CONFIG_ALIASES)
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(
+            f"config_overrides names {unknown}, which are not DSLConfig fields (check the spelling); accepted: "
+            f"{sorted(name for name in accepted if not name.startswith('_'))}"
+        )
+
+
 def validate_static_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
     """Checks that need no file: raised before anything is loaded (also normalizes comma-separated name lists)."""
     from .data import PACKING_MODES
@@ -249,12 +266,12 @@ def validate_static_arguments(model_args: ModelArguments, data_args: DataArgumen
         raise ValueError(f"model_size={model_args.model_size!r} is not supported; accepted: {sorted(MODEL_SIZES)}")
     if model_args.model_size is not None and (model_args.model_name_or_path or model_args.mdlm_checkpoint):
         raise ValueError("--model_size only applies to a fresh model (no --model_name_or_path / --mdlm_checkpoint)")
-    parse_config_overrides(model_args.config_overrides)
+    check_override_names(parse_config_overrides(model_args.config_overrides))
     if model_args.lora_r < 0:
         raise ValueError(f"lora_r={model_args.lora_r} must be >= 0 (0 = no LoRA)")
     if model_args.lora_r > 0:
-        if model_args.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={model_args.lora_alpha} must be > 0")
+        if not (math.isfinite(model_args.lora_alpha) and model_args.lora_alpha > 0):
+            raise ValueError(f"lora_alpha={model_args.lora_alpha} must be a finite number > 0 (LoRA scales by alpha / r)")
         if not 0.0 <= model_args.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={model_args.lora_dropout} must lie in [0, 1)")
         if not model_args.lora_target_modules:
@@ -271,8 +288,39 @@ def validate_static_arguments(model_args: ModelArguments, data_args: DataArgumen
             raise ValueError(f"{name}={value} must be a positive number of rows/documents (or unset)")
 
 
+def resolve_resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder ``--resume_from_checkpoint`` names ("last"/"true": the last complete one of
+    ``output_dir``), checked complete now rather than after the data is loaded."""
+    from .trainer import CHECKPOINT_COMPLETE_NAME, get_last_complete_checkpoint, is_checkpoint_complete
+
+    if not resume or resume.lower() in ("false", "none"):
+        return None
+    if resume.lower() in ("true", "last"):
+        last = get_last_complete_checkpoint(output_dir)
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: {output_dir} has no complete checkpoint-N folder (one with "
+                f"{CHECKPOINT_COMPLETE_NAME}); drop the flag to start afresh, or point --output_dir at the earlier run."
+            )
+        return last
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume} is not an existing checkpoint folder.")
+    if not is_checkpoint_complete(resume):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} has no {CHECKPOINT_COMPLETE_NAME} marker: the run that wrote it was "
+            "interrupted while saving, so it may be incomplete. Resume from an earlier complete checkpoint, or use "
+            "'--resume_from_checkpoint last' to pick the last complete one."
+        )
+    return resume
+
+
 def peek_model_limits(model_args: ModelArguments) -> dict:
     """vocab_size, mask_token_id and max_position_embeddings of the model to be trained, from config files only."""
+    from dsl_diffusion.modeling_dsl.modeling_dsl import check_checkpoint_files
+
+    for checkpoint in (model_args.model_name_or_path, model_args.mdlm_checkpoint):
+        if checkpoint:
+            check_checkpoint_files(checkpoint)
     overrides = parse_config_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         config = _read_json_file(model_args.model_name_or_path, "config.json")
@@ -302,6 +350,8 @@ def load_and_check_tokenizer(model_args: ModelArguments, limits: dict):
     """The tokenizer, checked against the model: [MASK] must exist and be the model's mask id (the last id)."""
     from transformers import AutoTokenizer
 
+    from dsl_diffusion.modeling_dsl.modeling_dsl import check_checkpoint_files
+
     from .tokenization import add_mask_token, load_tokenizer
 
     name = model_args.tokenizer_name
@@ -310,6 +360,7 @@ def load_and_check_tokenizer(model_args: ModelArguments, limits: dict):
     ):
         name = model_args.model_name_or_path
     name = name or "gpt2"
+    check_checkpoint_files(name)  # a missing local tokenizer folder is named as such, not as a bad Hub repo id
     if model_args.add_mask_token:
         tokenizer = load_tokenizer(name)
     else:
@@ -343,17 +394,28 @@ def resolve_block_size(data_args: DataArguments, limits: dict) -> int:
     return block_size
 
 
-def build_model(model_args: ModelArguments, tokenizer, block_size: int):
-    from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+def preview_model_config(model_args: ModelArguments, tokenizer, block_size: int, limits: dict):
+    """The config the model will get, built from config files only, so that bad override values (snr_max=nan,
+    embed_dim=0, ...) fail before the data is loaded. A converted MDLM model takes its sizes from the weights later:
+    here they are the defaults, which is enough to check the values of the overrides."""
+    from dsl_diffusion.modeling_dsl import DSLConfig
 
     overrides = parse_config_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
-        return DSLForMaskedDiffusion.from_pretrained(model_args.model_name_or_path, **overrides)
+        return DSLConfig.from_pretrained(model_args.model_name_or_path, **overrides)
     if model_args.mdlm_checkpoint:
-        return DSLForMaskedDiffusion.from_mdlm(model_args.mdlm_checkpoint, **overrides)
+        vocabulary = {"vocab_size": limits["vocab_size"], "mask_token_id": limits["mask_token_id"]}
+        return DSLConfig(**{**vocabulary, "max_position_embeddings": block_size, **overrides})
+    return fresh_model_config(model_args, tokenizer, block_size)
+
+
+def fresh_model_config(model_args: ModelArguments, tokenizer, block_size: int):
+    from dsl_diffusion.modeling_dsl import DSLConfig
+
+    overrides = parse_config_overrides(model_args.config_overrides)
     num_real_tokens = tokenizer.mask_token_id
     sizes = dict(MODEL_SIZES[model_args.model_size or "tiny"])
-    config = DSLConfig(
+    return DSLConfig(
         **{
             **sizes,
             "vocab_size": num_real_tokens,
@@ -365,8 +427,18 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
             **overrides,
         }
     )
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        return DSLForMaskedDiffusion.from_pretrained(model_args.model_name_or_path, **overrides)
+    if model_args.mdlm_checkpoint:
+        return DSLForMaskedDiffusion.from_mdlm(model_args.mdlm_checkpoint, **overrides)
     # _from_config honours DeepSpeed ZeRO-3 (the model is created partitioned).
-    return DSLForMaskedDiffusion._from_config(config)
+    return DSLForMaskedDiffusion._from_config(fresh_model_config(model_args, tokenizer, block_size))
 
 
 def apply_lora(model, model_args: ModelArguments):
@@ -431,9 +503,11 @@ def run(argv: list[str] | None = None) -> dict:
 
     # Validate everything before loading data or weights.
     validate_static_arguments(model_args, data_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     limits = peek_model_limits(model_args)
     tokenizer = load_and_check_tokenizer(model_args, limits)
     block_size = resolve_block_size(data_args, limits)
+    preview_model_config(model_args, tokenizer, block_size, limits)
     logger.info("Objective %s, block size %d, output %s", training_args.objective, block_size, training_args.output_dir)
 
     set_seed(training_args.seed)
@@ -476,10 +550,7 @@ def run(argv: list[str] | None = None) -> dict:
         data_collator=DiffusionDataCollator(),
         processing_class=tokenizer,
     )
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    train_result = trainer.train(resume_from_checkpoint=resume or None)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

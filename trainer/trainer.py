@@ -250,20 +250,30 @@ class DSLTrainingArguments(TrainingArguments):
             if not condition:
                 raise ValueError(message)
 
+        def finite(value) -> bool:
+            # NaN fails every comparison and inf passes `> 0`: a range check alone lets both through.
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         require(self.objective in OBJECTIVES, f"objective={self.objective!r} is not supported; accepted: {OBJECTIVES}")
         require(
             self.snr_path in SNR_PATH_NAMES, f"snr_path={self.snr_path!r} is not supported; accepted: {SNR_PATH_NAMES}"
         )
         require(0.0 <= self.rho <= 1.0, f"rho={self.rho} (ROAR fraction) must lie in [0, 1]")
         require(
-            self.snr_max is None or (math.isfinite(self.snr_max) and self.snr_max > 0),
+            self.snr_max is None or (finite(self.snr_max) and self.snr_max > 0),
             f"snr_max={self.snr_max} must be a finite SNR > 0 (or unset to use the model's)",
         )
-        require(math.isfinite(self.lognormal_mu), f"lognormal_mu={self.lognormal_mu} must be finite")
-        require(self.lognormal_sigma > 0, f"lognormal_sigma={self.lognormal_sigma} must be > 0")
-        require(self.snr_min > 0, f"snr_min={self.snr_min} must be an SNR > 0")
-        require(self.smoothed_snr_lo > 0, f"smoothed_snr_lo={self.smoothed_snr_lo} must be an SNR > 0")
-        require(self.roar_lambda >= 0, f"roar_lambda={self.roar_lambda} must be >= 0")
+        require(finite(self.lognormal_mu), f"lognormal_mu={self.lognormal_mu} must be finite")
+        require(finite(self.lognormal_sigma) and self.lognormal_sigma > 0, f"lognormal_sigma={self.lognormal_sigma} must be a finite number > 0")
+        require(finite(self.snr_min) and self.snr_min > 0, f"snr_min={self.snr_min} must be a finite SNR > 0")
+        require(
+            finite(self.smoothed_snr_lo) and self.smoothed_snr_lo > 0,
+            f"smoothed_snr_lo={self.smoothed_snr_lo} must be a finite SNR > 0",
+        )
+        require(
+            finite(self.roar_lambda) and self.roar_lambda >= 0,
+            f"roar_lambda={self.roar_lambda} must be a finite weight >= 0 (the recipe uses 0 or 0.5)",
+        )
         require(self.roar_term in ROAR_TERMS, f"roar_term={self.roar_term!r} is not supported; accepted: {ROAR_TERMS}")
         require(
             self.roar_term != "convex" or self.roar_lambda <= 1,
@@ -288,10 +298,27 @@ class DSLTrainingArguments(TrainingArguments):
         require(0.0 < self.time_eps < 1.0, f"time_eps={self.time_eps} must lie in (0, 1)")
         require(0.0 <= self.ema_decay < 1.0, f"ema_decay={self.ema_decay} must lie in [0, 1) (0 turns EMA off)")
         require(
-            self.dsl_learning_rate is None or self.dsl_learning_rate > 0,
-            f"dsl_learning_rate={self.dsl_learning_rate} must be > 0 (or unset to use learning_rate)",
+            finite(self.learning_rate) and self.learning_rate >= 0,
+            f"learning_rate={self.learning_rate} must be a finite number >= 0 (the MDLM recipe uses 3e-4)",
         )
-        require(self.dsl_weight_decay >= 0, f"dsl_weight_decay={self.dsl_weight_decay} must be >= 0")
+        require(
+            self.dsl_learning_rate is None or (finite(self.dsl_learning_rate) and self.dsl_learning_rate > 0),
+            f"dsl_learning_rate={self.dsl_learning_rate} must be a finite number > 0 (or unset to use learning_rate)",
+        )
+        require(
+            finite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay={self.weight_decay} must be a finite number >= 0",
+        )
+        require(
+            finite(self.dsl_weight_decay) and self.dsl_weight_decay >= 0,
+            f"dsl_weight_decay={self.dsl_weight_decay} must be a finite number >= 0",
+        )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be an integer >= 1")
+        require(
+            finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            f"max_grad_norm={self.max_grad_norm} must be a finite number >= 0 (0 turns clipping off)",
+        )
         # Accept "a,b" as well as separate values (command line and config files).
         self.dsl_parameter_patterns = [
             name.strip() for value in self.dsl_parameter_patterns for name in value.split(",") if name.strip()
@@ -701,6 +728,14 @@ class DSLTrainer(Trainer):
                     "lr": self.args.dsl_learning_rate or self.args.learning_rate,
                 },
             ]
+            if not any(self.is_dsl_parameter(name) for name, _ in opt_model.named_parameters()):
+                # Otherwise the DSL learning rate and weight decay would silently apply to nothing (frozen DSL
+                # parameters, e.g. under LoRA, are fine: the patterns do name them).
+                raise ValueError(
+                    f"dsl_parameter_patterns={self.args.dsl_parameter_patterns} match no parameter of the model, so "
+                    f"dsl_learning_rate and dsl_weight_decay would apply to nothing; use substrings of parameter names "
+                    f"(default: {list(DEFAULT_DSL_PARAMETER_PATTERNS)}), e.g. from model.named_parameters()."
+                )
             groups = [group for group in groups if group["params"]]
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
