@@ -5,17 +5,25 @@ Importing this package registers the pipeline task with transformers, so that
 model with the Auto classes (through `dsl_diffusion.modeling_dsl`), so that a saved DSL folder loads by path.
 """
 
+import sys
+
 from transformers import AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .. import modeling_dsl  # noqa: F401  (registers DSLConfig / DSLForMaskedDiffusion with the Auto classes)
+from ..modeling_dsl import samplers
+
+# The samplers live next to the modeling files (`modeling_dsl/samplers.py`): `model.generate` needs them, and the
+# model's remote code can only ship flat siblings of the modeling file. `dsl_diffusion.pipelines.samplers` stays
+# importable as the same module object (one set of classes), so existing imports keep working.
+sys.modules[f"{__name__}.samplers"] = samplers
 from .pipeline_diffusion import (
     DIFFUSION_GENERATION_CONFIG_NAME,
     TASK,
     DiffusionGenerationConfig,
     DiffusionTextGenerationPipeline,
 )
-from .samplers import (
+from ..modeling_dsl.samplers import (
     SAMPLERS,
     DiffusionSampler,
     DSLSDESampler,

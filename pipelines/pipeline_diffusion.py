@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModel, Pipeline
 from transformers.utils import PushToHubMixin, cached_file, logging
 
-from .samplers import SAMPLERS, get_sampler, resolve_sampler_name, sampler_knobs
+from ..modeling_dsl.samplers import SAMPLERS, get_sampler, resolve_sampler_name, sampler_knobs
 
 
 logger = logging.get_logger(__name__)
