@@ -17,12 +17,8 @@ from ..modeling_dsl import samplers
 # model's remote code can only ship flat siblings of the modeling file. `dsl_diffusion.pipelines.samplers` stays
 # importable as the same module object (one set of classes), so existing imports keep working.
 sys.modules[f"{__name__}.samplers"] = samplers
-from .pipeline_diffusion import (
-    DIFFUSION_GENERATION_CONFIG_NAME,
-    TASK,
-    DiffusionGenerationConfig,
-    DiffusionTextGenerationPipeline,
-)
+from ..modeling_dsl.generation_dsl import DSLGenerationConfig
+from .pipeline_diffusion import TASK, DiffusionTextGenerationPipeline
 from ..modeling_dsl.samplers import (
     SAMPLERS,
     DiffusionSampler,
@@ -46,9 +42,8 @@ from ..modeling_dsl.samplers import (
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=DiffusionTextGenerationPipeline, pt_model=AutoModel)
 
 __all__ = [
-    "DIFFUSION_GENERATION_CONFIG_NAME",
     "TASK",
-    "DiffusionGenerationConfig",
+    "DSLGenerationConfig",
     "DiffusionTextGenerationPipeline",
     "SAMPLERS",
     "DiffusionSampler",
