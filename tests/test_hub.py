@@ -103,7 +103,7 @@ def test_card_renders_and_reparses_with_eval_results(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     data = loaded.data
-    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "text-generation", "apache-2.0")
+    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "other", "apache-2.0")
     assert data.base_model == "kuleshov-group/mdlm-owt" and data.datasets == ["Skylion007/openwebtext"]
     assert data.tags == [*DEFAULT_TAGS, "test"]
     assert data.model_name == "dsl-tiny"
@@ -484,7 +484,7 @@ print(json.dumps({
     "model_module": type(model).__module__,
     "pipeline_module": type(pipe).__module__,
     "logits_match": bool(torch.allclose(logits, expected["logits"], atol=1e-5)),
-    "sampler": pipe.diffusion_generation_config.sampler,
+    "sampler": pipe.model.generation_config.sampler,
     "nfe": [output["nfe"] for output in outputs],
     "lengths": [len(output["generated_token_ids"]) for output in outputs],
     "mask_token_id": tokenizer.mask_token_id,
@@ -508,7 +508,8 @@ def test_push_dry_run_builds_a_folder_that_loads_back_offline(checkpoint_folder,
         "samplers.py",
         "tokenizer.json",
         "tokenizer_config.json",
-        "diffusion_generation_config.json",
+        "generation_dsl.py",
+        "generation_config.json",
         "README.md",
         "evaluation/sweep_results.json",
         "evaluation/results.md",
@@ -516,7 +517,7 @@ def test_push_dry_run_builds_a_folder_that_loads_back_offline(checkpoint_folder,
     } <= files
     config = json.loads((output_dir / "config.json").read_text())
     assert "AutoModel" in config["auto_map"] and "diffusion-text-generation" in config["custom_pipelines"]
-    generation = json.loads((output_dir / "diffusion_generation_config.json").read_text())
+    generation = json.loads((output_dir / "generation_config.json").read_text())
     assert generation["sampler"] == "dsl-sde" and generation["num_steps"] == 4
 
     card = ModelCard.load(output_dir / "README.md")
