@@ -39,6 +39,7 @@ __all__ = ["PushArguments", "prepare_upload_folder", "upload_to_hub", "main"]
 
 EVALUATION_FOLDER = "evaluation"
 SWEEP_FILES = ("sweep_results.json", "results.md")
+TRAINING_RECORD = "dsl_training.json"  # written by dsl-finetune next to the final model
 SWEEP_PLOTS = {"mauve": "mauve_vs_nfe.png", "gen_ppl": "gen_ppl_vs_nfe.png"}
 
 
@@ -56,7 +57,9 @@ class PushArguments:
         default=None, metadata={"help": "Label of this checkpoint in the sweep (needed if it has several)."}
     )
     training_details: str | None = field(
-        default=None, metadata={"help": "A JSON file of training settings shown in the card."}
+        default=None,
+        metadata={"help": "A JSON file of training settings shown in the card (default: the model folder's "
+                  "dsl_training.json, which dsl-finetune writes)."},
     )
     model_name: str | None = field(default=None, metadata={"help": "Name in the card (default: the repo name)."})
     base_model: str | None = field(default="kuleshov-group/mdlm-owt", metadata={"help": "Model it was tuned from."})
@@ -129,6 +132,9 @@ def prepare_upload_folder(args: PushArguments) -> Path:
             if (folder / EVALUATION_FOLDER / name).is_file()
         }
     training_details = None
+    training_record = Path(args.model_path) / TRAINING_RECORD
+    if args.training_details is None and training_record.is_file():
+        args.training_details = str(training_record)  # what dsl-finetune recorded about this model
     if args.training_details is not None:
         training_details = json.loads(Path(args.training_details).read_text(encoding="utf-8"))
         if not isinstance(training_details, dict):

@@ -233,7 +233,7 @@ def split_names(values: list[str] | str | None) -> list[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
-def validate_static_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+def validate_static_arguments(model_args: ModelArguments, data_args: DataArguments, training_args=None) -> None:
     """Checks that need no file: raised before anything is loaded (also normalizes comma-separated name lists)."""
     from .data import PACKING_MODES
 
@@ -259,6 +259,10 @@ def validate_static_arguments(model_args: ModelArguments, data_args: DataArgumen
             raise ValueError(f"lora_dropout={model_args.lora_dropout} must lie in [0, 1)")
         if not model_args.lora_target_modules:
             raise ValueError("lora_target_modules is empty; name the modules to adapt, e.g. attn_qkv attn_out mlp.0 mlp.2")
+    if training_args is not None and training_args.push_to_hub:
+        repo_id = training_args.hub_model_id
+        if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ValueError(f"--push_to_hub needs --hub_model_id as `namespace/name`, got {repo_id!r}")
     if data_args.packing not in PACKING_MODES:
         raise ValueError(f"packing={data_args.packing!r} is not supported; accepted: {PACKING_MODES}")
     if data_args.block_size is not None and data_args.block_size < 3:
@@ -430,7 +434,7 @@ def run(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(log_level)
 
     # Validate everything before loading data or weights.
-    validate_static_arguments(model_args, data_args)
+    validate_static_arguments(model_args, data_args, training_args)
     limits = peek_model_limits(model_args)
     tokenizer = load_and_check_tokenizer(model_args, limits)
     block_size = resolve_block_size(data_args, limits)
@@ -468,6 +472,9 @@ def run(argv: list[str] | None = None) -> dict:
     if model_args.lora_r > 0:
         model = apply_lora(model, model_args)
 
+    # The Trainer's own push uploads the output folder as it is (and skips the merged-LoRA export); the repository is
+    # published once at the end by the same code as dsl-push instead (publish_to_hub), so the Trainer must not push.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = DSLTrainer(
         model=model,
         args=training_args,
@@ -493,7 +500,31 @@ def run(argv: list[str] | None = None) -> dict:
 
     save_final_model(trainer, model_args, tokenizer, training_args.output_dir)
     logger.info("Saved the final model to %s", training_args.output_dir)
+    if push_to_hub and training_args.should_save:
+        publish_to_hub(training_args)
     return metrics
+
+
+def publish_to_hub(training_args) -> None:
+    """Upload the saved model exactly as ``dsl-push --model_path <output_dir> --repo_id <hub_model_id>`` would: the
+    same folder (model, tokenizer, remote code, generation config, custom pipeline, card with the training record)
+    built by the same function, whichever way the model was saved (full, EMA or merged LoRA)."""
+    import tempfile
+
+    from ..hub_cards.push import PushArguments, prepare_upload_folder, upload_to_hub
+
+    with tempfile.TemporaryDirectory() as staging:
+        arguments = PushArguments(
+            model_path=training_args.output_dir,
+            repo_id=training_args.hub_model_id,
+            output_dir=os.path.join(staging, "repository"),
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+        )
+        folder = prepare_upload_folder(arguments)
+        commit = upload_to_hub(folder, arguments.repo_id, token=arguments.token, private=arguments.private,
+                               commit_message="Upload DSL model with dsl-finetune")  # fmt: skip
+    logger.info("Pushed %s to %s (%s)", training_args.output_dir, arguments.repo_id, commit.commit_url)
 
 
 def main(argv: list[str] | None = None) -> None:
