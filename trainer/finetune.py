@@ -145,70 +145,44 @@ class DataArguments:
 
 
 def parse_config_overrides(overrides: str | dict | None) -> dict:
-    """'a=1,b=0.5,c=none,d=text' (or a dict from a JSON/YAML config) -> {'a': 1, 'b': 0.5, 'c': None, 'd': 'text'}."""
+    """'a=1,b=0.5,c=true' (or a dict from a JSON/YAML config) -> {'a': 1, 'b': 0.5, 'c': True}.
+
+    transformers' `PreTrainedConfig.update_from_string` parses the string (types follow the config's own fields, an
+    unknown key is an error); it runs on a default `DSLConfig` and the values are read back, because the overrides
+    then go into the model's constructor, where the sizes that depend on them (intermediate_size, the converter's
+    mask bias) are derived."""
+    from ..modeling_dsl import DSLConfig
+
     if not overrides:
         return {}
     if isinstance(overrides, dict):
         return dict(overrides)
-    parsed = {}
-    for item in overrides.split(","):
-        if "=" not in item:
-            raise ValueError(f"config_overrides item {item!r} is not 'key=value' (e.g. 'embed_dim=64,dropout=0.1')")
-        key, raw = (part.strip() for part in item.split("=", 1))
-        try:
-            parsed[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
-        except json.JSONDecodeError:
-            parsed[key] = None if raw.lower() == "none" else raw
-    return parsed
-
-
-def _preparse(argv: list[str]) -> list[str] | dict:
-    """Rewrite ``--deepspeed zero2|zero3`` to the packaged file and load a single JSON/YAML config file."""
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = argv[0]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                config = json.load(f)
-            else:
-                import yaml
-
-                config = yaml.safe_load(f)
-        if not isinstance(config, dict):
-            raise ValueError(f"config file {path} must hold a mapping of argument names to values")
-        if isinstance(config.get("deepspeed"), str):
-            config["deepspeed"] = resolve_deepspeed_config(config["deepspeed"])
-        return config
-    argv = list(argv)
-    for index, token in enumerate(argv):
-        if token == "--deepspeed" and index + 1 < len(argv):
-            argv[index + 1] = resolve_deepspeed_config(argv[index + 1])
-        elif token.startswith("--deepspeed="):
-            argv[index] = f"--deepspeed={resolve_deepspeed_config(token.split('=', 1)[1])}"
-    return argv
-
-
-def _uses_deepspeed(preparsed: list[str] | dict) -> bool:
-    if isinstance(preparsed, dict):
-        return bool(preparsed.get("deepspeed"))
-    return any(token == "--deepspeed" or token.startswith("--deepspeed=") for token in preparsed)
+    if any("=" not in item for item in overrides.split(",")):
+        raise ValueError(f"config_overrides={overrides!r} must be 'key=value,key=value' (e.g. 'embed_dim=64,dropout=0.1')")
+    probe = DSLConfig()
+    try:
+        probe.update_from_string(overrides)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"config_overrides={overrides!r}: {error} (keys: DSLConfig's int, float, bool and string fields)"
+        ) from error
+    return {key.strip(): getattr(probe, key.strip()) for key in (item.split("=", 1)[0] for item in overrides.split(","))}
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, DSLTrainingArguments) from the command line or one JSON/YAML file."""
+    """(ModelArguments, DataArguments, DSLTrainingArguments) from the command line or one JSON/YAML file
+    (`--deepspeed zero2|zero3` names a packaged config: `DSLTrainingArguments` resolves it)."""
     from transformers import HfArgumentParser
 
     from .trainer import DSLTrainingArguments
 
-    preparsed = _preparse(sys.argv[1:] if argv is None else argv)
-    if _uses_deepspeed(preparsed):
-        configure_torch_extensions_dir()
-        set_single_process_distributed_env()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, DSLTrainingArguments))
-    if isinstance(preparsed, dict):
-        return parser.parse_dict(preparsed)
-    return parser.parse_args_into_dataclasses(args=preparsed)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _read_json_file(repo_or_path: str, filename: str) -> dict | None:
