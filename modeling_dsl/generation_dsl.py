@@ -23,14 +23,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput, cached_file, logging
 
-from .samplers import (
-    NUCLEUS_RULES,
-    SAMPLERS,
-    SamplingConfig,
-    get_sampler,
-    resolve_sampler_name,
-    sampler_knobs,
-)
+from .samplers import SAMPLERS, get_sampler, resolve_sampler_name, sampler_knobs
 
 
 logger = logging.get_logger(__name__)
@@ -267,17 +260,12 @@ class DSLGenerationMixin:
 
         if streamer is not None and input_ids is not None:
             streamer.put(input_ids.cpu())
-        callback = None
-        if callback_on_step_end is not None:
-            def callback(step_index, state):  # noqa: E306  (the diffusers signature, with the model first)
-                callback_on_step_end(self, step_index, {"tokens": state.tokens, "state": state})
-
         output = sampler.run(
             self,
             tokens,
             None if bool(attention_mask.all()) else attention_mask,
             generator=generator,
-            callback=callback,
+            callback=self._step_callback(callback_on_step_end),
             logits_processor=logits_processor,
             streamer=streamer,
             **run_options,
@@ -361,6 +349,13 @@ class DSLGenerationMixin:
         if not bool(((tokens == mask_token_id) & attention_mask.bool()).any()):
             raise ValueError("nothing to generate: give max_new_tokens > 0, max_length > the input length, or [MASK]s.")
         return tokens, attention_mask, length
+
+    def _step_callback(self, callback_on_step_end):
+        """The sampler's `callback(step_index, state)` calling `callback_on_step_end(model, step_index, kwargs)`,
+        the diffusers signature."""
+        if callback_on_step_end is None:
+            return None
+        return lambda step_index, state: callback_on_step_end(self, step_index, {"tokens": state.tokens, "state": state})
 
     @staticmethod
     def _prepare_generators(generator, seed, num_rows: int, device, config):

@@ -14,7 +14,7 @@ import dsl_diffusion.pipelines  # noqa: F401  (registers the pipeline task)
 from helpers import tiny_dsl_model, word_level_tokenizer
 from mdlm_reference import random_mdlm_state_dict
 from test_modeling import BLOCKS, COND, HIDDEN, MDLM_VOCAB, write_mdlm_hub_folder
-from test_sweep import reference_documents, sweep_assets  # noqa: F401  (a fixture)
+from test_sweep import sweep_assets  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
