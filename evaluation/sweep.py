@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModel, HfArgumentParser
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
 from ..pipelines.samplers import NUCLEUS_RULES, resolve_sampler_name, sampler_knobs
 from .metrics import (
