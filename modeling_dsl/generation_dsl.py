@@ -294,6 +294,13 @@ class DSLGenerationMixin:
                 **{key: value for key, value in base.to_dict().items() if key in CONFIG_FIELDS and value is not None}
             )
         config = copy.deepcopy(base) if base is not None else DSLGenerationConfig()
+        model_config = getattr(self, "generation_config", None)
+        if generation_config is not None and isinstance(model_config, DSLGenerationConfig):
+            # What the given config leaves unset comes from the model's (a length only if it sets none).
+            stored = model_config.to_diff_dict()
+            if config.max_length is not None or config.max_new_tokens is not None:
+                stored = {key: value for key, value in stored.items() if key not in ("max_length", "max_new_tokens")}
+            config.update(defaults_only=True, **{key: value for key, value in stored.items() if key in CONFIG_FIELDS})
         if "max_length" in kwargs and kwargs["max_length"] is not None:
             config.max_new_tokens = None  # the call's length replaces the stored one
         if "max_new_tokens" in kwargs and kwargs["max_new_tokens"] is not None:

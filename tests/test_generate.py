@@ -177,6 +177,14 @@ def test_generation_config_defaults_kwargs_and_config_priority(model, tmp_path):
     assert out.nfe == 4 and out.sequences.shape == (1, 6)
     out = model.generate(generation_config=DSLGenerationConfig(sampler="dsl-sde", num_steps=3, max_length=6), num_steps=5, seed=0)
     assert out.nfe == 6
+    # what generation_config= leaves unset comes from the model's config
+    original, model.generation_config = model.generation_config, DSLGenerationConfig(sampler="dsl-sde", num_steps=2, max_length=7)
+    try:
+        out = model.generate(generation_config=DSLGenerationConfig(num_steps=3), seed=0)
+        assert out.nfe == 4 and out.sequences.shape == (1, 7)
+        assert model.generate(generation_config=DSLGenerationConfig(max_new_tokens=5), seed=0).sequences.shape == (1, 5)
+    finally:
+        model.generation_config = original
     # a plain GenerationConfig works too (its length fields are kept)
     assert model.generate(generation_config=GenerationConfig(max_new_tokens=7), num_steps=2, seed=0).sequences.shape == (1, 7)
     assert DSLGenerationConfig.published_defaults().to_diff_dict() | {"transformers_version": None} == {
