@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
 from .utils import batch_tensors
 

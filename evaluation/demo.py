@@ -465,14 +465,19 @@ def stage_ar(args, rows, tokenizer):
 
 
 def sample_ar(model, args, cell: Cell, tokenizer):
-    """Unconditional AR samples that start, like the wrapped rows, with BOS; nucleus top-p as the other arms."""
+    """Unconditional AR samples that start, like the wrapped rows, with BOS; nucleus top-p with the same (published
+    MDLM) rule as the diffusion arms, through its logits warper (transformers' own top_p keeps one token more)."""
+    from transformers import LogitsProcessorList
+
+    from ..pipelines.samplers import MDLMTopPLogitsWarper
+
     generator_seed = torch.random.get_rng_state()
     torch.manual_seed(cell.seed)
     try:
         bos = torch.full((args.samples_per_cell, 1), tokenizer.bos_token_id, device=model.device)
         out = model.generate(
-            bos, attention_mask=torch.ones_like(bos), do_sample=True, top_p=args.top_p, top_k=0, max_length=args.block_size, min_length=args.block_size,
-            pad_token_id=tokenizer.pad_token_id,
+            bos, attention_mask=torch.ones_like(bos), do_sample=True, top_p=1.0, top_k=0, max_length=args.block_size, min_length=args.block_size,
+            pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([MDLMTopPLogitsWarper(args.top_p)]),
         )
     finally:
         torch.random.set_rng_state(generator_seed)
@@ -504,6 +509,7 @@ def stage_sampling(args, arms: dict[str, Stage], tokenizer):
                 knobs["num_steps"] = cell.num_steps
             if cell.sampler != "dsl-sde":
                 knobs["top_p"] = args.top_p
+                knobs["nucleus_rule"] = "mdlm"  # the published rule, also the AR arm's (see sample_ar)
             out = get_sampler(cell.sampler, **knobs).run(
                 models[cell.arm], batch_size=args.samples_per_cell, seq_len=args.block_size,
                 generator=torch.Generator().manual_seed(cell.seed), progress_bar=False,

@@ -20,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
 from ..trainer.losses import diffusion_nll_bound, mdlm_loss, roar_nll
 from .utils import batch_tensors

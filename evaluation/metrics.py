@@ -24,9 +24,9 @@ import mauve
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
 
 logger = logging.getLogger(__name__)

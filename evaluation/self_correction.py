@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
 from ..pipelines.samplers import ContinuousState, Denoiser, DSLSDESampler, NoiseSource, SDEConfig, StepRecorder
 from .utils import batch_tensors

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModel, HfArgumentParser
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
-from ..pipelines.samplers import get_sampler, resolve_sampler_name, sampler_knobs
+from ..pipelines.samplers import NUCLEUS_RULES, get_sampler, resolve_sampler_name, sampler_knobs
 from .metrics import (
     PROTOCOL_FEATURIZER,
     PROTOCOL_JUDGE,
@@ -90,6 +90,11 @@ class SweepArguments:
     batch_size: int = field(default=1, metadata={"help": "Samples per sampler call."})
     seed: int = field(default=1, metadata={"help": "Sample i of a cell is drawn with seed `seed + i`."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus mass of the samplers."})
+    nucleus_rule: str = field(
+        default="mdlm",
+        metadata={"help": "How top_p cuts: 'mdlm' (the published protocol: the tokens of cumulative mass <= top_p) or "
+                  "'transformers' (the smallest set of mass >= top_p)."},
+    )
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer (default: the checkpoint's)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow Hub checkpoints' remote code."})
     dtype: str = field(default="float32", metadata={"help": f"Model dtype: {', '.join(DTYPES)}."})
@@ -152,6 +157,8 @@ class SweepArguments:
             raise ValueError("mauve_seeds is empty: give at least one k-means seed (the protocol uses 25)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.nucleus_rule not in NUCLEUS_RULES:
+            raise ValueError(f"nucleus_rule={self.nucleus_rule!r} is not supported; accepted: {NUCLEUS_RULES}")
         if self.reference_format not in REFERENCE_FORMATS:
             raise ValueError(f"reference_format must be one of {REFERENCE_FORMATS}, got {self.reference_format!r}")
         if self.reference_split not in REFERENCE_SPLITS:
@@ -584,14 +591,16 @@ def _load_checkpoint(path: str, args: SweepArguments):
 def _sampler_knobs(pipe, sampler: str, args: SweepArguments) -> tuple[dict, dict]:
     """(the knobs to pass to the pipeline, every knob the sampler will run with) for one sampler of the sweep.
 
-    ``--top_p`` goes to the samplers that have the knob, ``--sampler_kwargs`` add theirs, and the rest comes from
-    the model's generation config (``diffusion_generation_config.json``, else the pipeline's published defaults).
+    ``--top_p`` (with ``--nucleus_rule``, the published MDLM rule by default) goes to the samplers that have the
+    knob, ``--sampler_kwargs`` add theirs, and the rest comes from the model's generation config
+    (``generation_config.json``).
     """
     canonical, implied = resolve_sampler_name(sampler)
     knobs = dict(args.parsed_sampler_kwargs.get(sampler, {}))  # validated by SweepArguments
     if "top_p" in sampler_knobs(canonical):
         knobs.setdefault("top_p", args.top_p)
-    effective = {**pipe.diffusion_generation_config.knobs_for(canonical), **knobs, **implied}
+        knobs.setdefault("nucleus_rule", args.nucleus_rule)
+    effective = {**pipe.model.generation_config.knobs_for(canonical), **knobs, **implied}
     return knobs, effective
 
 
@@ -642,6 +651,7 @@ def run_sweep(args: SweepArguments) -> dict:
             "batch_size": args.batch_size,
             "seed": args.seed,
             "top_p": args.top_p,
+            "nucleus_rule": args.nucleus_rule,
             "dtype": args.dtype,
         }
         results_path = cell_dir / "results.json"
@@ -689,7 +699,7 @@ def run_sweep(args: SweepArguments) -> dict:
         "mauve_settings": mauve_settings,
         "judge": reference_metrics["judge"],
         "judge_max_length": args.judge_max_length,
-        "generation": {key: generation[key] for key in ("num_samples", "seq_len", "batch_size", "seed", "top_p")},
+        "generation": {key: generation[key] for key in ("num_samples", "seq_len", "batch_size", "seed", "top_p", "nucleus_rule")},
         "sampler_kwargs": args.parsed_sampler_kwargs,
         "checkpoints": checkpoints,
     }

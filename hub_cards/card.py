@@ -18,7 +18,7 @@ from typing import Sequence
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation.report import protocol_lines, results_table
-from ..pipelines.pipeline_diffusion import DIFFUSION_GENERATION_CONFIG_NAME, DiffusionGenerationConfig
+from ..modeling_dsl.generation_dsl import DSLGenerationConfig
 from ..pipelines.samplers import SAMPLERS
 
 
@@ -160,8 +160,8 @@ def build_model_card(
     Args:
         model_name: the name in the card title and the ``model-index``.
         repo_id: the Hub repository the usage snippet loads.
-        generation_config: the pipeline's default settings (``DiffusionGenerationConfig.to_dict()``; default: its
-            published defaults), shown as stored in ``diffusion_generation_config.json`` and used in the snippet.
+        generation_config: the model's generation defaults (``DSLGenerationConfig.to_diff_dict()``; default: the
+            published ones), shown as stored in ``generation_config.json`` and used in the snippet.
         sampler_defaults_table: ``{sampler: {knob: default}}`` (default: :func:`sampler_defaults`).
         training_details: ``{setting: value}`` shown as a table (e.g. the fine-tuning arguments).
         sweep_report: the ``sweep_results.json`` dict of ``dsl-evaluate``; its rows of ``sweep_checkpoint`` become
@@ -176,14 +176,17 @@ def build_model_card(
         license=license,
         language=language,
         library_name="transformers",
-        pipeline_tag="text-generation",
+        # Not "text-generation": the Hub's widget and the stock TextGenerationPipeline would call an autoregressive
+        # generate. The model ships its own pipeline ("diffusion-text-generation", remote code), which no Hub tag names.
+        pipeline_tag="other",
         tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
         metrics=["mauve", "perplexity"] if eval_results else None,
         eval_results=eval_results,
     )
     defaults = sampler_defaults() if sampler_defaults_table is None else sampler_defaults_table
     if generation_config is None:
-        generation_config = DiffusionGenerationConfig.published_defaults().to_dict()
+        generation_config = DSLGenerationConfig.published_defaults().to_diff_dict()
+    generation_config = {key: value for key, value in generation_config.items() if key != "transformers_version"}
     evaluation_table = evaluation_protocol = None
     if sweep_report:
         rows = _rows_for_checkpoint(sweep_report, sweep_checkpoint)
@@ -206,10 +209,10 @@ def build_model_card(
         else "trained from scratch",
         license=license,
         pipeline_task=PIPELINE_TASK,
-        default_sampler=generation_config["sampler"],
+        default_sampler=generation_config.get("sampler") or DSLGenerationConfig.default_generation_params()["sampler"],
         default_num_steps=generation_config.get("num_steps", 128),
         generation_config=json.dumps(generation_config, indent=2, sort_keys=True),
-        generation_config_file=DIFFUSION_GENERATION_CONFIG_NAME,
+        generation_config_file="generation_config.json",
         sampler_defaults={name: _markdown_value(knobs) for name, knobs in defaults.items()},
         training_details={key: _markdown_value(value) for key, value in (training_details or {}).items()},
         evaluation_table=evaluation_table,

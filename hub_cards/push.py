@@ -5,8 +5,9 @@ The folder holds everything a user needs with nothing but ``transformers`` insta
 - the model (``config.json``, ``model.safetensors``) and its modeling code as remote code (``auto_map``), written by
   ``save_pretrained`` of the registered DSL classes;
 - the tokenizer (with its ``[MASK]`` token);
-- the ``diffusion-text-generation`` pipeline as remote code (``custom_pipelines`` in ``config.json``) and its
-  sampler defaults (``diffusion_generation_config.json``), written by the pipeline's own ``save_pretrained``;
+- the generation defaults (``generation_config.json``: the sampler and its knobs) and the
+  ``diffusion-text-generation`` pipeline as remote code (``custom_pipelines`` in ``config.json``), written by the
+  pipeline's own ``save_pretrained``;
 - ``README.md``: the model card (:func:`~dsl_diffusion.hub_cards.card.build_model_card`), with the sweep's results as
   ``model-index`` eval results when a ``dsl-evaluate`` output folder is given, and ``evaluation/`` with the sweep's
   ``sweep_results.json``, ``results.md`` and plots.
@@ -30,6 +31,7 @@ import torch
 from huggingface_hub import HfApi
 from transformers import AutoModel, HfArgumentParser
 
+from ..modeling_dsl.generation_dsl import DSLGenerationConfig
 from .card import PIPELINE_TASK, build_model_card
 
 
@@ -39,6 +41,7 @@ __all__ = ["PushArguments", "prepare_upload_folder", "upload_to_hub", "main"]
 
 EVALUATION_FOLDER = "evaluation"
 SWEEP_FILES = ("sweep_results.json", "results.md")
+TRAINING_RECORD = "dsl_training.json"  # written by dsl-finetune next to the final model
 SWEEP_PLOTS = {"mauve": "mauve_vs_nfe.png", "gen_ppl": "gen_ppl_vs_nfe.png"}
 
 
@@ -56,7 +59,9 @@ class PushArguments:
         default=None, metadata={"help": "Label of this checkpoint in the sweep (needed if it has several)."}
     )
     training_details: str | None = field(
-        default=None, metadata={"help": "A JSON file of training settings shown in the card."}
+        default=None,
+        metadata={"help": "A JSON file of training settings shown in the card (default: the model folder's "
+                  "dsl_training.json, which dsl-finetune writes)."},
     )
     model_name: str | None = field(default=None, metadata={"help": "Name in the card (default: the repo name)."})
     base_model: str | None = field(default="kuleshov-group/mdlm-owt", metadata={"help": "Model it was tuned from."})
@@ -127,6 +132,9 @@ def prepare_upload_folder(args: PushArguments) -> Path:
     # Every input is checked before the (slow) build starts.
     check_checkpoint_files(args.model_path)
     sweep_report = _load_sweep(args.sweep_dir) if args.sweep_dir is not None else None
+    training_record = Path(args.model_path) / TRAINING_RECORD
+    if args.training_details is None and training_record.is_file():
+        args.training_details = str(training_record)  # what dsl-finetune recorded about this model
     training_details = (
         _read_json_object(args.training_details, "a JSON object of training settings")
         if args.training_details is not None
@@ -145,14 +153,19 @@ def _build_upload_folder(args: PushArguments, folder: Path, sweep_report: dict |
 
     model = AutoModel.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     tokenizer = load_tokenizer(args.tokenizer or args.model_path)
-    pipe = transformers.pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
-    # The model's own sampler defaults (or the published ones), with the requested changes.
+    # The model's own generation defaults when its folder has any, else the published ones; then the requested
+    # changes. A model without a generation_config.json holds only its special-token ids.
+    generation_config = model.generation_config
+    if generation_config.sampler is None:
+        special = {name: getattr(generation_config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        generation_config = DSLGenerationConfig.published_defaults()
+        generation_config.update(**{name: value for name, value in special.items() if value is not None})
     overrides = {"sampler": args.default_sampler, "num_steps": args.default_num_steps}
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    if overrides:
-        pipe.diffusion_generation_config = pipe.diffusion_generation_config.update(**overrides)
-    # The pipeline saves the model (with its remote code), the tokenizer, its own code as a custom pipeline and
-    # its generation config.
+    generation_config.update(**{key: value for key, value in overrides.items() if value is not None})
+    model.generation_config = generation_config
+    pipe = transformers.pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
+    # The pipeline saves the model (with its remote code and generation_config.json), the tokenizer and its own
+    # code as a custom pipeline.
     pipe.save_pretrained(folder)
 
     plot_paths = {}
@@ -182,7 +195,7 @@ def _build_upload_folder(args: PushArguments, folder: Path, sweep_report: dict |
             f"{config.vocab_size} (+ [MASK]), token directions of dimension {config.embed_dim}, "
             f"snr_max {config.snr_max}; {model.num_parameters():,} parameters."
         ),
-        generation_config=pipe.diffusion_generation_config.to_dict(),
+        generation_config=generation_config.to_diff_dict(),
         training_details=training_details,
         sweep_report=sweep_report,
         sweep_checkpoint=args.sweep_checkpoint,

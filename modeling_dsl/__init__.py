@@ -4,6 +4,7 @@ marks the classes for remote code so that `save_pretrained` writes the flat mode
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_dsl import DSLConfig
+from .generation_dsl import DSLGenerateOutput, DSLGenerationConfig, DSLGenerationMixin
 from .modeling_dsl import DSLForMaskedDiffusion, DSLMaskedDiffusionOutput, DSLPreTrainedModel
 
 AutoConfig.register(DSLConfig.model_type, DSLConfig, exist_ok=True)
@@ -13,4 +14,12 @@ AutoModelForMaskedLM.register(DSLConfig, DSLForMaskedDiffusion, exist_ok=True)
 DSLConfig.register_for_auto_class()
 DSLForMaskedDiffusion.register_for_auto_class("AutoModel")
 
-__all__ = ["DSLConfig", "DSLForMaskedDiffusion", "DSLMaskedDiffusionOutput", "DSLPreTrainedModel"]
+__all__ = [
+    "DSLConfig",
+    "DSLForMaskedDiffusion",
+    "DSLGenerateOutput",
+    "DSLGenerationConfig",
+    "DSLGenerationMixin",
+    "DSLMaskedDiffusionOutput",
+    "DSLPreTrainedModel",
+]

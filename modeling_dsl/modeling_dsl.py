@@ -10,7 +10,8 @@ input lookup becomes a converter: p~_i = softmax(beta <z_i, E> ++ [0] + b) over 
 and h_i = p~_i W, where W is MDLM's input table. Token ids are the SNR endpoints of that converter (`[MASK]` is
 s = 0, a token s = s_hi); `config.endpoint_inputs` records whether the weights were trained on the converter's output
 at those endpoints (DSL) or on the table rows W[x], W[V] (MDLM), and `forward(input_ids=...)` shows them the same.
-This file knows nothing of losses or samplers.
+This file knows nothing of training objectives or samplers: `generate` comes from
+`generation_dsl.DSLGenerationMixin`, which routes to `samplers.py` (see that file for why both sit here).
 """
 
 import json
@@ -23,11 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.loss.loss_utils import ForMaskedLMLoss
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import load_state_dict
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, load_state_dict
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .configuration_dsl import DSLConfig
+from .generation_dsl import DSLGenerationConfig, DSLGenerationMixin
 
 SINUSOID_DIM = 256  # MDLM's frequency-embedding width for the conditioning scalar
 MDLM_PREFIX = "backbone."
@@ -91,10 +95,13 @@ class DSLMaskedDiffusionOutput(ModelOutput):
     """Output of [`DSLForMaskedDiffusion`].
 
     Args:
+        loss: with `labels`, the cross-entropy of the clean tokens: at the `[MASK]` positions of `input_ids` (the
+            endpoint loss, as MDLM's and ROAR's), or at every labelled position of `noisy_states`.
         logits: float32 `[batch, length, vocab_size]` scores of the clean token at every position (no mask class).
         hidden_states: with `output_hidden_states=True`, the input of every block and the final block output.
     """
 
+    loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
@@ -177,11 +184,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.to(x.dtype)
 
 
-def eager_attention(query, key, value, attention_mask, scale):
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain attention in the signature of transformers' attention registry; `attention_mask` is additive (0 or the
+    dtype's minimum, from `create_bidirectional_mask`). Returns `[batch, length, heads, head_dim]` and the weights."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return torch.matmul(scores.softmax(dim=-1), value)
+        scores = scores + attention_mask
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class DiTBlock(GradientCheckpointingLayer):
@@ -203,6 +213,7 @@ class DiTBlock(GradientCheckpointingLayer):
         )
         self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * hidden)
         self.dropout = nn.Dropout(config.dropout)
+        self.is_causal = False  # full bidirectional attention, whatever the backend
 
     def attention(self, x, rotary, attention_mask):
         batch, length, hidden = x.shape
@@ -211,14 +222,16 @@ class DiTBlock(GradientCheckpointingLayer):
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         cos, sin = rotary
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        scale = 1.0 / math.sqrt(hidden // self.num_heads)
-        if self.config._attn_implementation == "eager":
-            out = eager_attention(query, key, value, attention_mask, scale)
-        else:
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
-            )
-        return self.attn_out(out.transpose(1, 2).reshape(batch, length, hidden))
+        # transformers' registry: "sdpa", "eager", "flex_attention", "flash_attention_2/3" where installed, or a
+        # kernel registered by the user. MDLM has no attention dropout.
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=1.0 / math.sqrt(hidden // self.num_heads),
+            is_causal=False,
+        )  # fmt: skip
+        return self.attn_out(out.reshape(batch, length, hidden))
 
     def forward(self, x, conditioning, rotary, attention_mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(
@@ -268,11 +281,14 @@ class UnitNormDirections(nn.Module):
 
 class DSLPreTrainedModel(PreTrainedModel):
     config_class = DSLConfig
-    base_model_prefix = "dsl"
+    base_model_prefix = "backbone"  # MDLM's DiT, the attribute that holds the transformer
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     @torch.no_grad()
@@ -302,7 +318,7 @@ class DSLPreTrainedModel(PreTrainedModel):
             init.copy_(module.converter_bias, bias)
 
 
-class DSLForMaskedDiffusion(DSLPreTrainedModel):
+class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
     """The DSL denoiser f_theta: clean-token logits given token ids (SNR endpoints) or noisy states z.
 
     - `forward(input_ids=...)`: the discrete endpoint path. A token id is a clean token (SNR s_hi), the `[MASK]` id
@@ -310,7 +326,10 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
       ("table": on weights converted from MDLM it reproduces MDLM's logits with the mask class removed) or the
       converter at the endpoints ("converter": what DSL training shows the network).
     - `forward(noisy_states=z)`: the continuous DSL path through the softmax-bias converter.
+    - `generate(...)`: text with any sampler (see [`DSLGenerationMixin.generate`]); defaults in `generation_config`.
     """
+
+    generation_config_class = DSLGenerationConfig
 
     def __init__(self, config: DSLConfig):
         super().__init__(config)
@@ -498,7 +517,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.forward got unexpected arguments {unknown}; accepted: input_ids, noisy_states, "
-                "attention_mask, timesteps, endpoint_snr, output_hidden_states, return_dict (check the spelling)."
+                "attention_mask, timesteps, endpoint_snr, labels, output_hidden_states, return_dict (check the spelling)."
             )
         if extra_kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: the attention kernels do not return weights.")
@@ -611,6 +630,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         endpoint_snr: float | None = None,
+        labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -623,6 +643,10 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             timesteps: MDLM's sigma, only for `time_conditioning=True` models.
             endpoint_snr: the SNR s_hi at which a decoded token of `input_ids` is shown through the converter
                 (`endpoint_inputs="converter"`; default `config.snr_max`).
+            labels: `[batch, length]` clean token ids in `0..V-1`, -100 to ignore a position. The loss is their mean
+                cross-entropy at the `[MASK]` positions of `input_ids` (the endpoint loss; unmasked positions are
+                given, so they carry no loss), or at every labelled position of `noisy_states`. The training
+                objectives with their SNR draws live in `dsl_diffusion.trainer`.
         """
         if (input_ids is None) == (noisy_states is None):
             raise ValueError("pass exactly one of `input_ids` (discrete endpoints) or `noisy_states` (continuous z).")
@@ -646,12 +670,10 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             hidden = self.convert_noisy_states(noisy_states)
             batch_size, length = noisy_states.shape[:2]
 
-        key_mask = None
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (batch_size, length):
-                raise ValueError(f"attention_mask must be [{batch_size}, {length}], got {list(attention_mask.shape)}.")
-            if not bool(attention_mask.bool().all()):
-                key_mask = attention_mask.bool()[:, None, None, :]
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, length):
+            raise ValueError(f"attention_mask must be [{batch_size}, {length}], got {list(attention_mask.shape)}.")
+        # The padding mask in the form the attention backend wants (None when nothing is padded).
+        key_mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
         conditioning = self._conditioning(noisy_states, input_ids, timesteps, endpoint_snr, hidden.dtype, hidden.device)
         rotary = self.backbone.rotary_emb(length, hidden.device)
@@ -664,9 +686,29 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel):
             all_hidden_states += (hidden,)
         logits = self.backbone.output_layer(hidden, conditioning).float()
 
+        loss = None
+        if labels is not None:
+            loss = self._endpoint_loss(logits, labels, input_ids, kwargs.get("num_items_in_batch"))
         if not return_dict:
-            return (logits, all_hidden_states) if output_hidden_states else (logits,)
-        return DSLMaskedDiffusionOutput(logits=logits, hidden_states=all_hidden_states)
+            output = (logits, all_hidden_states) if output_hidden_states else (logits,)
+            return (loss, *output) if loss is not None else output
+        return DSLMaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=all_hidden_states)
+
+    def _endpoint_loss(self, logits, labels, input_ids, num_items_in_batch=None) -> torch.Tensor:
+        vocab_size = self.config.vocab_size
+        if not torch.is_tensor(labels) or tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(f"labels must be a LongTensor of shape {list(logits.shape[:2])}, got {labels!r:.80}.")
+        labels = labels.to(logits.device).long()
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels must be clean token ids in [0, {vocab_size - 1}] or -100 (ignored); got {int(labels[bad][0])} "
+                f"([MASK]={self.config.mask_token_id} is an input, never a label)."
+            )
+        if input_ids is not None:  # given tokens are known: only the [MASK] positions are predicted
+            labels = labels.masked_fill(input_ids != self.config.mask_token_id, -100)
+        # ForMaskedLMLoss: mean CE over the positions whose label is not -100 (float32 upcast, transformers' helper).
+        return ForMaskedLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch)
 
 
 def _heads_from_width(hidden_size: int) -> int:

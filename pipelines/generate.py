@@ -3,9 +3,9 @@
     dsl-generate --model path/to/dsl-model --num_return_sequences 4 --max_length 1024 \
         --sampler remdm --strategy loop --num_steps 1024 --top_p 0.9 --seed 1 --output samples.jsonl
 
-Sampler knobs left unset come from the model's `diffusion_generation_config.json` (else the published defaults).
+Sampler knobs left unset come from the model's `generation_config.json` (else `DSLGenerationConfig`'s defaults).
 Without `--output` the texts are printed; with it, one JSON object per sample is written:
-{"prompt", "sample_index", "seed", "generated_text", "nfe"}.
+{"prompt", "sample_index", "seed", "generated_text", "nfe"}. Exits 0 on success, non-zero on failure.
 """
 
 import json
@@ -51,7 +51,12 @@ class SamplerArguments:
 
     sampler: str | None = field(default=None, metadata={"help": "mdlm, remdm, remdm-{cap,rescale,conf,loop}, dsl-sde, hybrid, roar."})
     num_steps: int | None = field(default=None, metadata={"help": "Number of steps T (not for roar: one per position)."})
+    do_sample: bool | None = field(default=None, metadata={"help": "False: the argmax at every unmasking (greedy)."})
     top_p: float | None = field(default=None, metadata={"help": "Nucleus mass in (0, 1]."})
+    nucleus_rule: str | None = field(
+        default=None, metadata={"help": "transformers (keep mass >= top_p) or mdlm (the published rule: mass <= top_p)."}
+    )
+    top_k: int | None = field(default=None, metadata={"help": "Keep the k most probable tokens (0: off)."})
     temperature: float | None = field(default=None, metadata={"help": "Softmax temperature > 0."})
     use_cache: bool | None = field(default=None, metadata={"help": "Reuse the network output when no token changed."})
     s_hi: float | None = field(default=None, metadata={"help": "SNR of a clean token (default: the model's snr_max)."})
@@ -101,8 +106,8 @@ def check_generation_arguments(args: GenerationArguments, sampler_args: SamplerA
         resolve_sampler_name(sampler_args.sampler)  # the knobs' values need the model's stored defaults: checked later
 
 
-def main(argv: list[str] | None = None) -> list[list[dict]]:
-    """Parse the arguments, generate, print or write the samples; returns them (one list per prompt)."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, generate, print or write the samples; returns the exit status (0)."""
     parser = HfArgumentParser((GenerationArguments, SamplerArguments))
     args, sampler_args = parser.parse_args_into_dataclasses(args=argv)
     check_generation_arguments(args, sampler_args)
@@ -144,8 +149,8 @@ def main(argv: list[str] | None = None) -> list[list[dict]]:
         for prompt, samples in zip(prompts, results):
             for sample in samples:
                 print(f"--- prompt={prompt!r} nfe={sample['nfe']}\n{sample['generated_text']}")
-    return results
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

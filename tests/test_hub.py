@@ -103,7 +103,7 @@ def test_card_renders_and_reparses_with_eval_results(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     data = loaded.data
-    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "text-generation", "apache-2.0")
+    assert (data.library_name, data.pipeline_tag, data.license) == ("transformers", "other", "apache-2.0")
     assert data.base_model == "kuleshov-group/mdlm-owt" and data.datasets == ["Skylion007/openwebtext"]
     assert data.tags == [*DEFAULT_TAGS, "test"]
     assert data.model_name == "dsl-tiny"
@@ -484,7 +484,7 @@ print(json.dumps({
     "model_module": type(model).__module__,
     "pipeline_module": type(pipe).__module__,
     "logits_match": bool(torch.allclose(logits, expected["logits"], atol=1e-5)),
-    "sampler": pipe.diffusion_generation_config.sampler,
+    "sampler": pipe.model.generation_config.sampler,
     "nfe": [output["nfe"] for output in outputs],
     "lengths": [len(output["generated_token_ids"]) for output in outputs],
     "mask_token_id": tokenizer.mask_token_id,
@@ -508,7 +508,8 @@ def test_push_dry_run_builds_a_folder_that_loads_back_offline(checkpoint_folder,
         "samplers.py",
         "tokenizer.json",
         "tokenizer_config.json",
-        "diffusion_generation_config.json",
+        "generation_dsl.py",
+        "generation_config.json",
         "README.md",
         "evaluation/sweep_results.json",
         "evaluation/results.md",
@@ -516,7 +517,7 @@ def test_push_dry_run_builds_a_folder_that_loads_back_offline(checkpoint_folder,
     } <= files
     config = json.loads((output_dir / "config.json").read_text())
     assert "AutoModel" in config["auto_map"] and "diffusion-text-generation" in config["custom_pipelines"]
-    generation = json.loads((output_dir / "diffusion_generation_config.json").read_text())
+    generation = json.loads((output_dir / "generation_config.json").read_text())
     assert generation["sampler"] == "dsl-sde" and generation["num_steps"] == 4
 
     card = ModelCard.load(output_dir / "README.md")
@@ -576,3 +577,27 @@ def test_push_uploads_the_folder_to_a_local_hub(checkpoint_folder, tmp_path, loc
     assert uploaded == local_files(output_dir)
     card = ModelCard(uploaded["README.md"].decode())
     assert len(card.data.eval_results) == 12
+
+
+def test_finetune_push_to_hub_uploads_what_dsl_push_builds(checkpoint_folder, tmp_path, local_hub, legacy_lfs_upload, monkeypatch):
+    """`dsl-finetune --push_to_hub` (here the merged-LoRA export, which the Trainer's own push skipped) and `dsl-push`
+    on the saved model produce the same repository contents."""
+    from dsl_diffusion.hub_cards.push import main as push_main
+    from dsl_diffusion.trainer.finetune import run
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", local_hub.url)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i} tells of the mill by the river."}) + "\n" for i in range(40)))
+    output_dir = tmp_path / "finetuned"
+    run([
+        "--model_name_or_path", str(checkpoint_folder), "--dataset", str(corpus), "--block_size", "16",
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--lora_r", "2", "--output_dir", str(output_dir),
+        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--push_to_hub", "--hub_model_id", "someone/dsl-finetuned", "--hub_token", "hf_local_test_token",
+    ])  # fmt: skip
+    uploaded = {path: content for (_, path), content in local_hub.repos["someone/dsl-finetuned"]["files"].items()}
+    dry_run = tmp_path / "dsl-push"
+    assert push_main(["--model_path", str(output_dir), "--repo_id", "someone/dsl-finetuned", "--output_dir", str(dry_run), "--dry_run"]) == 0
+    assert uploaded == local_files(dry_run)
+    assert {"model.safetensors", "generation_config.json", "pipeline_diffusion.py", "samplers.py", "README.md"} <= set(uploaded)
+    assert b"global_step" in uploaded["README.md"]  # the training record of dsl-finetune is in the card

@@ -1,4 +1,5 @@
-"""The diffusion-text-generation pipeline, its stored defaults, the remote-code round trip and the CLI.
+"""The diffusion-text-generation pipeline (the stock Pipeline call over `model.generate`), the model's stored
+defaults, the remote-code round trip and the CLI.
 
 A tiny random DSL model and a tiny WordLevel tokenizer (built here with the `tokenizers` library: 32 real tokens,
 `[MASK]` added last so that its id is the model's mask_token_id) keep every test fast.
@@ -11,13 +12,16 @@ import shutil
 import subprocess
 import sys
 
+import datasets
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, pipeline
+from transformers.pipelines.pt_utils import KeyDataset
+from transformers.utils import logging as hf_logging
 
-from dsl_diffusion.pipelines import DIFFUSION_GENERATION_CONFIG_NAME, DiffusionGenerationConfig, DiffusionTextGenerationPipeline
+from dsl_diffusion.modeling_dsl.generation_dsl import ALL_SAMPLER_KNOBS, LEGACY_GENERATION_CONFIG_NAME
+from dsl_diffusion.pipelines import DiffusionTextGenerationPipeline, DSLGenerationConfig
 from dsl_diffusion.pipelines.generate import SamplerArguments, main
-from dsl_diffusion.pipelines.pipeline_diffusion import ALL_SAMPLER_KNOBS
 from helpers import tiny_dsl_model, word_level_tokenizer
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]  # 32 real tokens
@@ -62,7 +66,16 @@ FAST = dict(num_steps=4, seed=0, max_length=12)
 
 def test_pipeline_task_resolves_to_the_diffusion_pipeline(pipe):
     assert isinstance(pipe, DiffusionTextGenerationPipeline)
-    assert pipe.diffusion_generation_config == DiffusionGenerationConfig.published_defaults()
+    # no __call__ of its own: lists, generators and datasets go through the stock Pipeline machinery
+    assert "__call__" not in vars(DiffusionTextGenerationPipeline)
+
+
+def test_the_pipeline_equals_model_generate(pipe, model, tokenizer):
+    prompt_ids = tokenizer("w1 w2", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    output = model.generate(prompt_ids, max_new_tokens=6, num_steps=4, seed=[11, 12], num_return_sequences=2)
+    records = pipe("w1 w2", max_new_tokens=6, num_steps=4, seed=11, num_return_sequences=2, return_tensors=True)
+    assert [record["generated_token_ids"].tolist() for record in records] == output.sequences.tolist()
+    assert all(record["nfe"] == output.nfe for record in records)
 
 
 def test_unconditional_output_mirrors_text_generation(pipe, tokenizer):
@@ -100,15 +113,42 @@ def test_infilling_generates_only_the_masks(pipe):
             assert output["nfe"] == 3
 
 
+PROMPTS = ["w1 w2 w3 w4", "w5", "w6 w7"]
+BATCH_SETTINGS = dict(max_new_tokens=6, num_return_sequences=2, seed=3, sampler="remdm", strategy="rescale", eta=0.5, num_steps=6)
+
+
+def texts(results):
+    return [[sample["generated_text"] for sample in samples] for samples in results]
+
+
 def test_batches_of_prompts_do_not_change_the_samples(pipe):
-    prompts = ["w1 w2 w3 w4", "w5", "w6 w7"]
-    settings = dict(max_new_tokens=6, num_return_sequences=2, seed=3, sampler="remdm", strategy="rescale", eta=0.5, num_steps=6)
-    one_at_a_time = pipe(prompts, batch_size=1, **settings)
-    batched = pipe(prompts, batch_size=4, **settings)  # left-padded batches that mix prompts
-    texts = lambda results: [[sample["generated_text"] for sample in samples] for samples in results]  # noqa: E731
+    one_at_a_time = pipe(PROMPTS, batch_size=1, **BATCH_SETTINGS)
+    batched = pipe(PROMPTS, batch_size=4, **BATCH_SETTINGS)  # padded batches that mix prompts
     assert texts(one_at_a_time) == texts(batched)
     assert [len(samples) for samples in batched] == [2, 2, 2]
     assert batched[0][0]["generated_text"] != batched[0][1]["generated_text"]
+
+
+def test_a_dataset_and_a_generator_stream_like_text_generation(pipe):
+    expected = texts(pipe(PROMPTS, batch_size=1, **BATCH_SETTINGS))
+    dataset = datasets.Dataset.from_dict({"text": PROMPTS})
+    streamed = pipe(KeyDataset(dataset, "text"), batch_size=2, num_workers=2, **BATCH_SETTINGS)
+    assert not isinstance(streamed, list)  # an iterator, consumed on demand
+    assert texts(streamed) == expected
+    assert texts(pipe((prompt for prompt in PROMPTS), batch_size=3, **BATCH_SETTINGS)) == expected
+
+
+def test_no_progress_bar_by_default_and_disable_progress_bar_is_respected(pipe, capfd):
+    pipe(None, **FAST)
+    assert "sampling" not in capfd.readouterr().err
+    pipe(None, progress_bar=True, **FAST)
+    assert "remdm sampling" in capfd.readouterr().err
+    hf_logging.disable_progress_bar()
+    try:
+        pipe(None, progress_bar=True, **FAST)
+        assert "sampling" not in capfd.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def test_seed_and_generator_determinism(pipe):
@@ -141,23 +181,10 @@ def test_every_sampler_runs_through_the_pipeline(pipe):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_generation_config_round_trip(tmp_path):
-    config = DiffusionGenerationConfig(sampler="remdm-loop", num_steps=32, eta=0.01, top_p=0.9, max_length=16)
-    config.save_pretrained(tmp_path)
-    loaded = DiffusionGenerationConfig.from_pretrained(tmp_path)
-    assert loaded == config and loaded.sampler == "remdm" and loaded.knobs["strategy"] == "loop"
-    assert json.loads((tmp_path / DIFFUSION_GENERATION_CONFIG_NAME).read_text())["eta"] == 0.01
-    assert loaded.build_sampler().config.eta == 0.01
-    assert loaded.update(num_steps=8).knobs["num_steps"] == 8
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(OSError, match="has no diffusion_generation_config.json"):
-        DiffusionGenerationConfig.from_pretrained(tmp_path / "empty")
-
-
 def test_saved_folder_carries_custom_pipeline_code_and_defaults(pipe, saved_folder, model, tmp_path):
     files = set(os.listdir(saved_folder))
-    assert {"pipeline_diffusion.py", "samplers.py", "modeling_dsl.py", "configuration_dsl.py"} <= files
-    assert DIFFUSION_GENERATION_CONFIG_NAME in files
+    assert {"pipeline_diffusion.py", "samplers.py", "generation_dsl.py", "modeling_dsl.py", "configuration_dsl.py"} <= files
+    assert "generation_config.json" in files and LEGACY_GENERATION_CONFIG_NAME not in files
     config = json.loads((saved_folder / "config.json").read_text())
     assert config["custom_pipelines"] == {
         "diffusion-text-generation": {"impl": "pipeline_diffusion.DiffusionTextGenerationPipeline", "pt": ["AutoModel"]}
@@ -170,7 +197,7 @@ def test_saved_folder_carries_custom_pipeline_code_and_defaults(pipe, saved_fold
 def test_stored_defaults_apply_and_the_call_overrides_them(saved_folder, tmp_path):
     folder = tmp_path / "with-defaults"
     shutil.copytree(saved_folder, folder)
-    DiffusionGenerationConfig(sampler="dsl-sde", num_steps=3, max_length=10).save_pretrained(folder)
+    DSLGenerationConfig(sampler="dsl-sde", num_steps=3, max_length=10).save_pretrained(folder)
     loaded = pipeline(
         "diffusion-text-generation",
         model=str(folder),
@@ -184,6 +211,21 @@ def test_stored_defaults_apply_and_the_call_overrides_them(saved_folder, tmp_pat
     assert overridden["nfe"] == 5 + 1 and len(overridden["generated_text"].split()) == 6
     roar = loaded(None, seed=0, sampler="roar")[0]
     assert roar["nfe"] == 10
+
+
+def test_a_legacy_diffusion_generation_config_is_still_read(saved_folder, tmp_path):
+    folder = tmp_path / "legacy"
+    shutil.copytree(saved_folder, folder)
+    (folder / "generation_config.json").unlink()
+    legacy = {"sampler": "remdm-loop", "num_steps": 24, "top_p": 0.9, "max_length": 10}
+    (folder / LEGACY_GENERATION_CONFIG_NAME).write_text(json.dumps(legacy))
+    loaded = pipeline(
+        "diffusion-text-generation", model=str(folder), pipeline_class=DiffusionTextGenerationPipeline, device="cpu"
+    )
+    config = loaded.model.generation_config
+    assert (config.sampler, config.strategy, config.num_steps, config.max_length) == ("remdm", "loop", 24, 10)
+    assert (config.top_p, config.nucleus_rule) == (0.9, "mdlm")  # the old top_p meant the MDLM rule
+    assert len(loaded(None, seed=0, num_steps=2)[0]["generated_text"].split()) == 10
 
 
 def test_fresh_process_loads_the_pipeline_from_remote_code_without_the_library(pipe, saved_folder, tmp_path):
@@ -222,10 +264,11 @@ CALL_ERRORS = [
     ({"max_length": 4, "max_new_tokens": 2}, ValueError, r"either max_length or max_new_tokens"),
     ({"max_length": 3, "inputs": "w1 w2 w3"}, ValueError, r"nothing to generate"),
     ({"num_return_sequences": 0}, ValueError, r"num_return_sequences=0 must be an integer >= 1"),
-    ({"batch_size": 0}, ValueError, r"batch_size=0 must be an integer >= 1"),
     ({"seed": 1, "generator": torch.Generator()}, ValueError, r"either seed or generator"),
     ({"etta": 0.1}, TypeError, r"unexpected arguments \['etta'\]"),
-    ({"inputs": 5}, TypeError, r"inputs must be None, a string or a non-empty list of strings"),
+    ({"inputs": 5}, TypeError, r"an input must be None or a string, got int"),
+    ({"nucleus_rule": "hf"}, ValueError, r"nucleus_rule='hf' is not supported; accepted: 'transformers', 'mdlm'"),
+    ({"top_k": -1}, ValueError, r"top_k=-1 must be >= 0"),
 ]
 
 
@@ -249,10 +292,10 @@ def test_model_and_tokenizer_errors(model, tokenizer):
     assert len(no_mask_tokenizer("w1 w2", max_length=6, num_steps=2, seed=0, progress_bar=False)) == 1
     with pytest.raises(ValueError, match="the tokenizer has no mask token"):
         no_mask_tokenizer("w1 [MASK] w2", num_steps=2, seed=0)
-    with pytest.raises(ValueError, match=r"\['etta'\] are not sampler knobs"):
-        DiffusionGenerationConfig(sampler="mdlm", etta=0.2)
+    with pytest.raises(ValueError, match=r"\['etta'\] are not fields of DSLGenerationConfig"):
+        DSLGenerationConfig(sampler="mdlm", etta=0.2)
     with pytest.raises(ValueError, match=r"eta=3.0 is outside"):
-        DiffusionGenerationConfig(sampler="remdm", eta=3.0)
+        DSLGenerationConfig(sampler="remdm", eta=3.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,8 +324,8 @@ def test_cli_generates_from_a_saved_folder(pipe, saved_folder, tmp_path):
 
 
 def test_cli_in_process_prints_and_rejects_bad_knobs(saved_folder, capsys):
-    results = main(["--model", str(saved_folder), "--max_length", "6", "--num_steps", "2", "--device", "cpu", "--progress_bar", "false"])
-    assert len(results) == 1 and len(results[0]) == 1
-    assert "nfe=" in capsys.readouterr().out
+    status = main(["--model", str(saved_folder), "--max_length", "6", "--num_steps", "2", "--device", "cpu", "--progress_bar", "false"])
+    assert status == 0
+    assert capsys.readouterr().out.count("nfe=") == 1
     with pytest.raises(ValueError, match=r"eta=2.0 is outside"):
         main(["--model", str(saved_folder), "--sampler", "remdm", "--eta", "2.0", "--device", "cpu"])

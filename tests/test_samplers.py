@@ -28,6 +28,7 @@ from dsl_diffusion.pipelines.samplers import (
     HybridConfig,
     HybridSampler,
     MDLMConfig,
+    MDLMTopPLogitsWarper,
     MDLMSampler,
     NoiseSource,
     ReMDMConfig,
@@ -209,8 +210,38 @@ def test_temperature_and_nucleus_log_probs():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
     tempered = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64) ** 2
     assert torch.allclose(sampling_log_probs(logits, temperature=0.5).exp(), tempered / tempered.sum())
-    both = sampling_log_probs(logits, temperature=0.5, top_p=0.8).exp()  # tempered: .66, .24, .11 -> keep 1
-    assert torch.allclose(both, torch.tensor([[1.0, 0, 0]], dtype=torch.float64))
+    # tempered: .66, .24, .11. The MDLM rule keeps the mass <= 0.8: only the top-1.
+    mdlm = sampling_log_probs(logits, temperature=0.5, top_p=0.8, nucleus_rule="mdlm").exp()
+    assert torch.allclose(mdlm, torch.tensor([[1.0, 0, 0]], dtype=torch.float64))
+    # transformers' rule (the default) keeps the smallest set of mass >= 0.8: the top two.
+    hf = sampling_log_probs(logits, temperature=0.5, top_p=0.8).exp()
+    assert torch.allclose(hf, torch.cat([tempered[:2] / tempered[:2].sum(), torch.zeros(1, dtype=torch.float64)])[None])
+    # top-k after temperature, before top-p; top_k=1 is the argmax.
+    top2 = sampling_log_probs(logits, top_k=2).exp()
+    assert torch.allclose(top2, torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0]], dtype=torch.float64))
+    assert torch.equal(sampling_log_probs(logits, top_k=1).exp(), torch.tensor([[1.0, 0, 0]], dtype=torch.float64))
+
+
+def keep_mass_at_least(probs, top_p):
+    """transformers' nucleus, written out: in decreasing order, keep a token while the mass before it is < p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def test_the_two_nucleus_rules_differ_by_the_boundary_token():
+    probs = torch.tensor([[0.0625, 0.5, 0.1875, 0.25]], dtype=torch.float64)
+    for top_p in (0.1, 0.6, 0.75, 0.8, 0.95):
+        hf = sampling_log_probs(probs.log(), top_p=top_p).exp()
+        assert torch.allclose(hf, keep_mass_at_least(probs, top_p))
+        mdlm = sampling_log_probs(probs.log(), top_p=top_p, nucleus_rule="mdlm").exp()
+        assert torch.allclose(mdlm, top_p_filter(probs, top_p))
+    # at p = 0.6: MDLM keeps {.5}, transformers keeps {.5, .25}
+    assert (sampling_log_probs(probs.log(), top_p=0.6).exp() > 0).sum() == 2
+    assert (sampling_log_probs(probs.log(), top_p=0.6, nucleus_rule="mdlm").exp() > 0).sum() == 1
+    warped = MDLMTopPLogitsWarper(0.6)(None, probs.log())
+    assert torch.isinf(warped).sum() == 3 and warped[0, 1] == math.log(0.5)
 
 
 def test_gumbel_argmax_draws_the_categorical_and_never_a_zero_probability_class():
@@ -304,12 +335,14 @@ def test_chi_square_has_power_one_step_mdlm_samples_the_product_of_marginals(mar
 
 def test_nucleus_and_temperature_give_the_filtered_marginals(independent):
     marginals = torch.tensor(INDEPENDENT_MARGINALS, dtype=torch.float64)
-    filtered = top_p_filter(marginals ** 2 / (marginals**2).sum(-1, keepdim=True), 0.9)
+    tempered = marginals**2 / (marginals**2).sum(-1, keepdim=True)
     sequences = torch.tensor(list(itertools.product(range(4), repeat=3)))
-    target = filtered.gather(1, sequences.T).prod(0)
-    for sampler in (MDLMSampler(num_steps=8, top_p=0.9, temperature=0.5), ROARSampler(top_p=0.9, temperature=0.5)):
-        out = sample(sampler, independent, seed=2)
-        assert chi_square_pvalue(out.sequences, target, 4) > SIGNIFICANCE
+    for rule, nucleus in (("mdlm", top_p_filter), ("transformers", keep_mass_at_least)):
+        target = nucleus(tempered, 0.9).gather(1, sequences.T).prod(0)
+        knobs = dict(top_p=0.9, temperature=0.5, nucleus_rule=rule)
+        for sampler in (MDLMSampler(num_steps=8, **knobs), ROARSampler(**knobs)):
+            out = sample(sampler, independent, seed=2)
+            assert chi_square_pvalue(out.sequences, target, 4) > SIGNIFICANCE, (rule, sampler)
 
 
 def conditional_target(model, fixed: dict):

@@ -78,7 +78,7 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, default_data_collator
 
 from .assets import package_folder
 
@@ -544,15 +544,16 @@ class DiffusionDataCollator:
                 f"DiffusionDataCollator needs 1-D rows of one length, got lengths {sorted(lengths)}; build the rows "
                 "with pack_wrapped or pad_rows."
             )
-        attention_mask = [
-            torch.as_tensor(feature["attention_mask"], dtype=torch.long)
-            if feature.get("attention_mask") is not None
-            else torch.ones_like(ids)
-            for feature, ids in zip(features, input_ids, strict=True)
-        ]
-        if any(mask.shape != ids.shape for mask, ids in zip(attention_mask, input_ids, strict=True)):
-            raise ValueError("Each row's attention_mask must have the same length as its input_ids.")
-        return {"input_ids": torch.stack(input_ids), "attention_mask": torch.stack(attention_mask)}
+        rows = []
+        for feature, ids in zip(features, input_ids, strict=True):
+            mask = feature.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
+            if mask.shape != ids.shape:
+                raise ValueError("Each row's attention_mask must have the same length as its input_ids.")
+            rows.append({"input_ids": ids, "attention_mask": mask})
+        # The checks and the all-ones default above are ours (rows of one length, a missing mask means no padding);
+        # the stacking is transformers' default collator.
+        return default_data_collator(rows, return_tensors="pt")
 
 
 def build_datasets(

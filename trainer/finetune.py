@@ -146,70 +146,44 @@ class DataArguments:
 
 
 def parse_config_overrides(overrides: str | dict | None) -> dict:
-    """'a=1,b=0.5,c=none,d=text' (or a dict from a JSON/YAML config) -> {'a': 1, 'b': 0.5, 'c': None, 'd': 'text'}."""
+    """'a=1,b=0.5,c=true' (or a dict from a JSON/YAML config) -> {'a': 1, 'b': 0.5, 'c': True}.
+
+    transformers' `PreTrainedConfig.update_from_string` parses the string (types follow the config's own fields, an
+    unknown key is an error); it runs on a default `DSLConfig` and the values are read back, because the overrides
+    then go into the model's constructor, where the sizes that depend on them (intermediate_size, the converter's
+    mask bias) are derived."""
+    from ..modeling_dsl import DSLConfig
+
     if not overrides:
         return {}
     if isinstance(overrides, dict):
         return dict(overrides)
-    parsed = {}
-    for item in overrides.split(","):
-        if "=" not in item:
-            raise ValueError(f"config_overrides item {item!r} is not 'key=value' (e.g. 'embed_dim=64,dropout=0.1')")
-        key, raw = (part.strip() for part in item.split("=", 1))
-        try:
-            parsed[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
-        except json.JSONDecodeError:
-            parsed[key] = None if raw.lower() == "none" else raw
-    return parsed
-
-
-def _preparse(argv: list[str]) -> list[str] | dict:
-    """Rewrite ``--deepspeed zero2|zero3`` to the packaged file and load a single JSON/YAML config file."""
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = argv[0]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                config = json.load(f)
-            else:
-                import yaml
-
-                config = yaml.safe_load(f)
-        if not isinstance(config, dict):
-            raise ValueError(f"config file {path} must hold a mapping of argument names to values")
-        if isinstance(config.get("deepspeed"), str):
-            config["deepspeed"] = resolve_deepspeed_config(config["deepspeed"])
-        return config
-    argv = list(argv)
-    for index, token in enumerate(argv):
-        if token == "--deepspeed" and index + 1 < len(argv):
-            argv[index + 1] = resolve_deepspeed_config(argv[index + 1])
-        elif token.startswith("--deepspeed="):
-            argv[index] = f"--deepspeed={resolve_deepspeed_config(token.split('=', 1)[1])}"
-    return argv
-
-
-def _uses_deepspeed(preparsed: list[str] | dict) -> bool:
-    if isinstance(preparsed, dict):
-        return bool(preparsed.get("deepspeed"))
-    return any(token == "--deepspeed" or token.startswith("--deepspeed=") for token in preparsed)
+    if any("=" not in item for item in overrides.split(",")):
+        raise ValueError(f"config_overrides={overrides!r} must be 'key=value,key=value' (e.g. 'embed_dim=64,dropout=0.1')")
+    probe = DSLConfig()
+    try:
+        probe.update_from_string(overrides)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"config_overrides={overrides!r}: {error} (keys: DSLConfig's int, float, bool and string fields)"
+        ) from error
+    return {key.strip(): getattr(probe, key.strip()) for key in (item.split("=", 1)[0] for item in overrides.split(","))}
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, DSLTrainingArguments) from the command line or one JSON/YAML file."""
+    """(ModelArguments, DataArguments, DSLTrainingArguments) from the command line or one JSON/YAML file
+    (`--deepspeed zero2|zero3` names a packaged config: `DSLTrainingArguments` resolves it)."""
     from transformers import HfArgumentParser
 
     from .trainer import DSLTrainingArguments
 
-    preparsed = _preparse(sys.argv[1:] if argv is None else argv)
-    if _uses_deepspeed(preparsed):
-        configure_torch_extensions_dir()
-        set_single_process_distributed_env()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, DSLTrainingArguments))
-    if isinstance(preparsed, dict):
-        return parser.parse_dict(preparsed)
-    return parser.parse_args_into_dataclasses(args=preparsed)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _read_json_file(repo_or_path: str, filename: str) -> dict | None:
@@ -250,7 +224,7 @@ def check_override_names(overrides: dict) -> None:
         )
 
 
-def validate_static_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+def validate_static_arguments(model_args: ModelArguments, data_args: DataArguments, training_args=None) -> None:
     """Checks that need no file: raised before anything is loaded (also normalizes comma-separated name lists)."""
     from .data import PACKING_MODES
 
@@ -276,6 +250,10 @@ def validate_static_arguments(model_args: ModelArguments, data_args: DataArgumen
             raise ValueError(f"lora_dropout={model_args.lora_dropout} must lie in [0, 1)")
         if not model_args.lora_target_modules:
             raise ValueError("lora_target_modules is empty; name the modules to adapt, e.g. attn_qkv attn_out mlp.0 mlp.2")
+    if training_args is not None and training_args.push_to_hub:
+        repo_id = training_args.hub_model_id
+        if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ValueError(f"--push_to_hub needs --hub_model_id as `namespace/name`, got {repo_id!r}")
     if data_args.packing not in PACKING_MODES:
         raise ValueError(f"packing={data_args.packing!r} is not supported; accepted: {PACKING_MODES}")
     if data_args.block_size is not None and data_args.block_size < 3:
@@ -502,7 +480,7 @@ def run(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.set_verbosity(log_level)
 
     # Validate everything before loading data or weights.
-    validate_static_arguments(model_args, data_args)
+    validate_static_arguments(model_args, data_args, training_args)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     limits = peek_model_limits(model_args)
     tokenizer = load_and_check_tokenizer(model_args, limits)
@@ -542,6 +520,9 @@ def run(argv: list[str] | None = None) -> dict:
     if model_args.lora_r > 0:
         model = apply_lora(model, model_args)
 
+    # The Trainer's own push uploads the output folder as it is (and skips the merged-LoRA export); the repository is
+    # published once at the end by the same code as dsl-push instead (publish_to_hub), so the Trainer must not push.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = DSLTrainer(
         model=model,
         args=training_args,
@@ -564,7 +545,31 @@ def run(argv: list[str] | None = None) -> dict:
 
     save_final_model(trainer, model_args, tokenizer, training_args.output_dir)
     logger.info("Saved the final model to %s", training_args.output_dir)
+    if push_to_hub and training_args.should_save:
+        publish_to_hub(training_args)
     return metrics
+
+
+def publish_to_hub(training_args) -> None:
+    """Upload the saved model exactly as ``dsl-push --model_path <output_dir> --repo_id <hub_model_id>`` would: the
+    same folder (model, tokenizer, remote code, generation config, custom pipeline, card with the training record)
+    built by the same function, whichever way the model was saved (full, EMA or merged LoRA)."""
+    import tempfile
+
+    from ..hub_cards.push import PushArguments, prepare_upload_folder, upload_to_hub
+
+    with tempfile.TemporaryDirectory() as staging:
+        arguments = PushArguments(
+            model_path=training_args.output_dir,
+            repo_id=training_args.hub_model_id,
+            output_dir=os.path.join(staging, "repository"),
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+        )
+        folder = prepare_upload_folder(arguments)
+        commit = upload_to_hub(folder, arguments.repo_id, token=arguments.token, private=arguments.private,
+                               commit_message="Upload DSL model with dsl-finetune")  # fmt: skip
+    logger.info("Pushed %s to %s (%s)", training_args.output_dir, arguments.repo_id, commit.commit_url)
 
 
 def main(argv: list[str] | None = None) -> None:

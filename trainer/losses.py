@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 
 from .corruption import (
     ROARPath,
@@ -63,16 +64,14 @@ class LossOutput:
 
 
 def unwrap_denoiser(model):
-    """The DSL model inside DDP / DeepSpeed (``.module``) and PEFT (``get_base_model()``) wrappers."""
-    while True:
-        if hasattr(model, "noisy_states"):
-            return model
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module"):
-            model = model.module
-        else:
-            raise TypeError(f"{type(model).__name__} is not a DSL denoiser (it has no `noisy_states` method)")
+    """The DSL model inside distributed wrappers (DDP, DeepSpeed, FSDP, torch.compile: accelerate's
+    ``extract_model_from_parallel``) and a PEFT wrapper (its ``get_base_model()``)."""
+    model = extract_model_from_parallel(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not hasattr(model, "noisy_states"):
+        raise TypeError(f"{type(model).__name__} is not a DSL denoiser (it has no `noisy_states` method)")
+    return model
 
 
 def _token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
 
 from .corruption import SNR_PATH_NAMES, SNRPath, build_snr_path
 from .losses import ROAR_TERMS, LossOutput, dsl_loss, mdlm_loss, roar_nll, token_loss_mask, unwrap_denoiser
@@ -106,7 +105,6 @@ LOSS_COMPONENTS = (
     "masked_ce",
     "mask_fraction",
 )
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,6 +210,16 @@ class DSLTrainingArguments(TrainingArguments):
         self.apply_recipe()
         # Fail before any work starts (and before DeepSpeed is configured by the parent class).
         self.validate_dsl_arguments()
+        if self.deepspeed:
+            # Before the parent reads the DeepSpeed config: the packaged names ("zero2" / "zero3") become their files,
+            # and one process without a launcher gets the process-group env DeepSpeed needs. Here rather than in the
+            # CLI, so that command lines and YAML / JSON files (HfArgumentParser) are handled alike.
+            from .finetune import configure_torch_extensions_dir, resolve_deepspeed_config, set_single_process_distributed_env
+
+            if isinstance(self.deepspeed, str):
+                self.deepspeed = resolve_deepspeed_config(self.deepspeed)
+            configure_torch_extensions_dir()
+            set_single_process_distributed_env()
         super().__post_init__()
         if self.deepspeed and self.use_cpu:
             self._init_deepspeed_comm_on_cpu()
@@ -549,15 +557,17 @@ def is_checkpoint_complete(checkpoint_dir: str) -> bool:
 
 
 def get_last_complete_checkpoint(output_dir: str) -> str | None:
-    """The ``checkpoint-N`` folder of ``output_dir`` with the largest N that :class:`DSLTrainer` marked complete."""
+    """The ``checkpoint-N`` folder of ``output_dir`` with the largest N that :class:`DSLTrainer` marked complete.
+
+    transformers' ``get_last_checkpoint`` finds the newest folder; the marker check is ours: a run stopped while
+    writing leaves a newest folder without it, and resuming then goes back to the newest complete one."""
     if not os.path.isdir(output_dir):
         return None
-    steps = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        if match and is_checkpoint_complete(os.path.join(output_dir, name)):
-            steps.append(int(match.group(1)))
-    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
+    last = get_last_checkpoint(output_dir)
+    if last is None or is_checkpoint_complete(last):
+        return last
+    complete = [path for path in sort_checkpoints(output_dir) if is_checkpoint_complete(path)]
+    return complete[-1] if complete else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

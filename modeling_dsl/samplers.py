@@ -18,9 +18,11 @@ The denoiser contract (the DSL model, MDLM-style models and the test toys all fo
 - `model.config.mask_token_id`, `model.config.snr_max`, `model.config.max_position_embeddings`.
 
 Common conventions (METHOD.md section 4): the discrete time grid is `t_k = linspace(1, t_min, T + 1)` with
-`alpha_t = 1 - t`; categorical draws are Gumbel-max in float64; nucleus top-p keeps the tokens whose cumulative
-probability is <= p (the top-1 always kept) and renormalizes; `[MASK]` is never sampled; a final noise-removal step
-fills any `[MASK]` left greedily. NFE counts real network calls.
+`alpha_t = 1 - t`; categorical draws (one shared [`TokenDraw`]) apply the user's logits processors, temperature,
+top-k and top-p, then draw by Gumbel-max in float64 (or take the argmax with `do_sample=False`); top-p has
+transformers' meaning (keep mass >= p) unless `nucleus_rule="mdlm"` (the published rule: keep the tokens whose
+cumulative probability is <= p, the top-1 always kept); `[MASK]` is never sampled; a final noise-removal step fills
+any `[MASK]` left greedily. NFE counts real network calls.
 
 Reproducibility: pass a list of `torch.Generator`s (one per row) and each row's draws depend on its own generator
 only, so a row sampled inside a (left-padded) batch equals the same row sampled alone with the same generator. A
@@ -36,8 +38,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.utils import ModelOutput, logging
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
 
 logger = logging.get_logger(__name__)
@@ -46,6 +49,9 @@ REMDM_STRATEGIES = ("cap", "rescale", "conf", "loop")
 SNR_SCHEDULES = ("log-linear", "log-normal", "linear")
 COMMIT_RULES = ("threshold", "top_fraction")
 COMMIT_MODES = ("evidence", "sample", "argmax")
+# "transformers": top_p keeps the smallest set of tokens whose mass is >= p (transformers' TopPLogitsWarper);
+# "mdlm": the published MDLM / ReMDM rule, the tokens whose cumulative mass is <= p (the top-1 always kept).
+NUCLEUS_RULES = ("transformers", "mdlm")
 HYBRID_DISCRETE_STRATEGIES = ("mdlm",) + REMDM_STRATEGIES
 
 
@@ -135,12 +141,48 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, sorted_indices, sorted_probs)
 
 
-def sampling_log_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """float64 log-probabilities of the sampling distribution: softmax(logits / temperature), then nucleus."""
-    log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
+class MDLMTopPLogitsWarper(LogitsProcessor):
+    """The published MDLM / ReMDM nucleus rule as a transformers logits warper: keep the tokens whose cumulative
+    probability is <= `top_p` (the top-1 always kept). transformers' `TopPLogitsWarper` keeps the smallest set whose
+    mass is >= `top_p` instead, i.e. one token more at the boundary. Usable in any `generate` (the demo's
+    autoregressive reference uses it, so that every arm samples with the same rule)."""
+
+    def __init__(self, top_p: float, filter_value: float = -math.inf):
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p!r} must be a number in (0, 1].")
+        self.top_p = float(top_p)
+        self.filter_value = filter_value
+
+    def __call__(self, input_ids: torch.LongTensor | None, scores: torch.Tensor) -> torch.Tensor:
+        kept = top_p_filter(torch.softmax(scores.double(), dim=-1), self.top_p) > 0
+        return scores.masked_fill(~kept, self.filter_value)
+
+
+def sampling_log_probs(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    *,
+    top_k: int = 0,
+    nucleus_rule: str = "transformers",
+    logits_processor: LogitsProcessorList | None = None,
+    context_ids: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """float64 log-probabilities of the sampling distribution of `logits` (`[N, V]`), in transformers' order: the
+    user's `logits_processor` (called as `processor(context_ids, scores)`), then temperature, top-k and top-p
+    (`nucleus_rule` "transformers": keep mass >= p; "mdlm": keep mass <= p), then a log-softmax. Filtered tokens get
+    log-probability -inf, so they are never drawn."""
+    scores = logits.double()
+    if logits_processor:
+        scores = logits_processor(context_ids, scores).double()
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        log_probs = top_p_filter(log_probs.exp(), top_p).log()
-    return log_probs
+        warpers.append(TopPLogitsWarper(top_p) if nucleus_rule == "transformers" else MDLMTopPLogitsWarper(top_p))
+    return torch.log_softmax(warpers(context_ids, scores), dim=-1)
 
 
 def gumbel_argmax(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -357,15 +399,21 @@ def prepare_inputs(model, input_ids=None, attention_mask=None, batch_size=None, 
 
 
 class StepRecorder:
-    """Collects the trajectory and calls the per-step callback `callback(step_index, state)`."""
+    """Runs once after every step: collects the trajectory, hands the draft to a streamer
+    (`streamer.put_draft(value=tokens)`, DiffusionGemma's draft hook, `[batch, length]` on CPU) and calls the
+    per-step callback `callback(step_index, state)`."""
 
-    def __init__(self, callback: Callable | None, keep_trajectory: bool):
+    def __init__(self, callback: Callable | None, keep_trajectory: bool, streamer=None):
         self.callback = callback
         self.trajectory = [] if keep_trajectory else None
+        self.streamer = streamer if streamer is not None and hasattr(streamer, "put_draft") else None
 
     def __call__(self, step_index: int, state) -> None:
+        draft = state.tokens.detach().cpu().clone() if self.trajectory is not None or self.streamer else None
         if self.trajectory is not None:
-            self.trajectory.append(state.tokens.detach().cpu().clone())
+            self.trajectory.append(draft)
+        if self.streamer is not None:
+            self.streamer.put_draft(value=draft)
         if self.callback is not None:
             self.callback(step_index, state)
 
@@ -404,11 +452,17 @@ def _check_choice(name, value, choices):
 
 @dataclass
 class SamplingConfig:
-    """Knobs shared by the samplers that draw categorical tokens.
+    """Knobs shared by the samplers that draw categorical tokens (the meaning of transformers' `generate`).
 
     Args:
-        top_p: nucleus mass in (0, 1]; 1 disables it (published OWT setting: 0.9).
+        do_sample: True draws from the sampling distribution (Gumbel-max in float64); False takes its argmax at
+            every unmasking (greedy).
         temperature: > 0, divides the logits before the softmax.
+        top_k: keep the k most probable tokens (0 disables it).
+        top_p: nucleus mass in (0, 1]; 1 disables it (published OWT setting: 0.9 with `nucleus_rule="mdlm"`).
+        nucleus_rule: "transformers" (keep the smallest set of tokens whose mass is >= top_p, as transformers'
+            `TopPLogitsWarper`) or "mdlm" (the published MDLM / ReMDM rule: keep the tokens whose cumulative mass is
+            <= top_p, the top-1 always kept).
         s_hi: the SNR at which the model shows a decoded token (`endpoint_snr`; None = the model's default,
             `model.config.snr_max`). It matters for models whose `config.endpoint_inputs` is "converter".
     """
@@ -416,12 +470,59 @@ class SamplingConfig:
     top_p: float = 1.0
     temperature: float = 1.0
     s_hi: float | None = None
+    do_sample: bool = True
+    top_k: int = 0
+    nucleus_rule: str = "transformers"
 
     def __post_init__(self):
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_range("temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
         if self.s_hi is not None:
             _check_range("s_hi", self.s_hi, 0.0, math.inf, low_open=True, high_open=True)
+        _check_bool("do_sample", self.do_sample)
+        _check_int("top_k", self.top_k, 0)
+        _check_choice("nucleus_rule", self.nucleus_rule, NUCLEUS_RULES)
+
+
+class TokenDraw:
+    """The categorical draw every sampler shares: the sampling distribution (the user's `logits_processor`, then
+    temperature, top-k and top-p) and one token per selected position, drawn by float64 Gumbel-max (`do_sample`) or
+    taken as the argmax (greedy). `[MASK]` is never a candidate (the [`Denoiser`] removes its logit).
+
+    A logits processor sees, for each selected position, the whole current sequence of its row as `input_ids`
+    (`[N, L]`, `[MASK]` where still masked) and that position's scores (`[N, V]`)."""
+
+    def __init__(self, config: SamplingConfig, logits_processor: LogitsProcessorList | None = None):
+        self.config = config
+        self.logits_processor = logits_processor
+
+    def log_probs(self, logits: torch.Tensor, where: torch.BoolTensor, tokens: torch.LongTensor) -> torch.Tensor:
+        """`[N, V]` float64 log-probabilities of the sampling distribution at the N positions of `where`."""
+        context_ids = tokens[where.nonzero()[:, 0]] if self.logits_processor else None
+        config = self.config
+        return sampling_log_probs(
+            logits[where],
+            config.temperature,
+            config.top_p,
+            top_k=config.top_k,
+            nucleus_rule=config.nucleus_rule,
+            logits_processor=self.logits_processor,
+            context_ids=context_ids,
+        )
+
+    def draw(self, logits, where, tokens, noise: NoiseSource) -> tuple[torch.LongTensor, torch.Tensor]:
+        """(tokens `[N]`, their sampling probabilities `[N]`): sampled, or the argmax when `do_sample=False`."""
+        log_probs = self.log_probs(logits, where, tokens)
+        if self.config.do_sample:
+            new_tokens = gumbel_argmax(log_probs, noise.sample(where, (log_probs.shape[-1],)))
+        else:
+            new_tokens = log_probs.argmax(dim=-1)
+        return new_tokens, log_probs.gather(-1, new_tokens[:, None]).squeeze(-1).exp()
+
+    def best(self, logits, where, tokens) -> tuple[torch.LongTensor, torch.Tensor]:
+        """(argmax tokens `[N]`, their probabilities `[N]`) of the sampling distribution (noise removal, commit)."""
+        best_log_probs, best_tokens = self.log_probs(logits, where, tokens).max(dim=-1)
+        return best_tokens, best_log_probs.exp()
 
 
 @dataclass
@@ -619,6 +720,9 @@ class HybridConfig(SamplingConfig):
             use_cache=self.use_cache,
             top_p=self.top_p,
             temperature=self.temperature,
+            do_sample=self.do_sample,
+            top_k=self.top_k,
+            nucleus_rule=self.nucleus_rule,
             s_hi=self.s_hi,
         )
         if self.discrete_strategy == "mdlm":
@@ -672,6 +776,8 @@ class DiffusionSampler:
         return_confidences: bool = False,
         progress_bar: bool = True,
         synced_gpus: bool | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        streamer=None,
         **run_kwargs,
     ) -> SamplerOutput:
         """Sample sequences.
@@ -685,9 +791,12 @@ class DiffusionSampler:
             generator: a torch.Generator for the whole batch, or one per row (batch-invariant results), or None.
             callback: `callback(step_index, state)` after every step; `state.tokens` is the current draft.
             return_trajectory, return_confidences: see [`SamplerOutput`].
-            progress_bar: show a tqdm bar.
+            progress_bar: show a progress bar (transformers' tqdm: `disable_progress_bar()` turns it off).
             synced_gpus: every rank makes the same number of forward passes (skip the cache only when all ranks
                 agree). None = True iff torch.distributed runs with more than one rank.
+            logits_processor: a `LogitsProcessorList` applied to the per-position scores before every categorical
+                draw (see [`TokenDraw`]); samplers that make no categorical draw (the SDE) reject it.
+            streamer: an object with `put_draft(value=...)`, called once per step with the current draft.
         """
         for name, flag in (("return_trajectory", return_trajectory), ("return_confidences", return_confidences),
                            ("progress_bar", progress_bar)):  # fmt: skip
@@ -698,10 +807,18 @@ class DiffusionSampler:
             raise TypeError(f"callback must be callable as callback(step_index, state), got {type(callback).__name__}.")
         if getattr(model, "training", False):
             logger.warning_once("the model is in training mode (dropout on): call model.eval() before sampling.")
+        if logits_processor is not None:
+            if not isinstance(self.config, SamplingConfig):
+                raise ValueError(
+                    f"logits_processor does not apply to sampler {self.name!r}: it makes no categorical draw (its "
+                    "tokens are the argmax of p(x | z) at the end); samplers that accept it: "
+                    f"{sorted(name for name, cls in SAMPLERS.items() if issubclass(cls.config_class, SamplingConfig))}."
+                )
+            run_kwargs["logits_processor"] = logits_processor
         inputs = prepare_inputs(model, input_ids, attention_mask, batch_size, seq_len)
         noise = NoiseSource(generator, inputs.tokens.shape[0], inputs.tokens.device)
         synced_gpus = default_synced_gpus() if synced_gpus is None else synced_gpus
-        recorder = StepRecorder(callback, return_trajectory)
+        recorder = StepRecorder(callback, return_trajectory, streamer)
         state, nfe = self._sample(model, inputs, noise, recorder, progress_bar, synced_gpus, **run_kwargs)
         return SamplerOutput(
             sequences=state.tokens,
@@ -743,6 +860,7 @@ class DiscreteState:
         confidences: `[B, L]` float64, psi: the probability each token had when decoded.
         times: `[B or 1, T + 1]` float64 time grid (per-row grids allowed).
         noise: the random source.
+        draw: the categorical draw (sampling distribution, greedy or sampled).
         step_index: the next step to take.
     """
 
@@ -752,6 +870,7 @@ class DiscreteState:
     times: torch.Tensor
     noise: NoiseSource
     mask_token_id: int
+    draw: TokenDraw
     step_index: int = 0
 
 
@@ -769,7 +888,9 @@ class MDLMSampler(DiffusionSampler):
         """(alpha_t, alpha_s, sigma) for the step t -> s; `t`, `s` are `[B, 1]`, sigma broadcasts to `[B, L]`."""
         return 1.0 - t, 1.0 - s, torch.zeros_like(t)
 
-    def init_state(self, inputs: SamplerInputs, noise: NoiseSource, mask_token_id: int, times=None) -> DiscreteState:
+    def init_state(
+        self, inputs: SamplerInputs, noise: NoiseSource, mask_token_id: int, times=None, logits_processor=None
+    ) -> DiscreteState:
         if times is None:
             times = time_grid(self.config.num_steps, self.config.t_min, device=inputs.tokens.device)[None]
         return DiscreteState(
@@ -779,6 +900,7 @@ class MDLMSampler(DiffusionSampler):
             times=times,
             noise=noise,
             mask_token_id=mask_token_id,
+            draw=TokenDraw(self.config, logits_processor),
         )
 
     def step(self, state: DiscreteState, logits: torch.Tensor) -> DiscreteState:
@@ -798,24 +920,17 @@ class MDLMSampler(DiffusionSampler):
         unmask = masked & (uniforms < unmask_prob)
 
         tokens, confidences = state.tokens.clone(), state.confidences.clone()
-        new_tokens, new_probs = self._draw_tokens(logits, unmask, state.noise)
+        new_tokens, new_probs = state.draw.draw(logits, unmask, state.tokens, state.noise)
         tokens[unmask], confidences[unmask] = new_tokens, new_probs
         tokens[remask], confidences[remask] = state.mask_token_id, 0.0
         return dataclasses.replace(state, tokens=tokens, confidences=confidences, step_index=k + 1)
 
-    def _draw_tokens(self, logits, where, noise: NoiseSource):
-        """Sample p_theta (temperature, nucleus) at `where`: (tokens [N], their sampling probabilities [N])."""
-        log_probs = sampling_log_probs(logits[where], self.config.temperature, self.config.top_p)
-        tokens = gumbel_argmax(log_probs, noise.sample(where, (log_probs.shape[-1],)))
-        return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1).exp()
-
     def remove_noise(self, state: DiscreteState, logits: torch.Tensor) -> DiscreteState:
         """Fill every `[MASK]` left with the argmax of p_theta."""
         where = state.generatable & (state.tokens == state.mask_token_id)
-        log_probs = sampling_log_probs(logits[where], self.config.temperature, self.config.top_p)
-        best_log_probs, best_tokens = log_probs.max(dim=-1)
+        best_tokens, best_probs = state.draw.best(logits, where, state.tokens)
         tokens, confidences = state.tokens.clone(), state.confidences.clone()
-        tokens[where], confidences[where] = best_tokens, best_log_probs.exp()
+        tokens[where], confidences[where] = best_tokens, best_probs
         return dataclasses.replace(state, tokens=tokens, confidences=confidences)
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -844,9 +959,9 @@ class MDLMSampler(DiffusionSampler):
             endpoint_snr=self.config.s_hi,
         )
 
-    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, logits_processor=None):
         denoiser = self._make_denoiser(model, inputs, synced_gpus)
-        state = self.init_state(inputs, noise, model.config.mask_token_id)
+        state = self.init_state(inputs, noise, model.config.mask_token_id, logits_processor=logits_processor)
         with self._progress(self.config.num_steps, progress_bar) as progress:
             state = self.denoise(state, denoiser, recorder, progress)
         return state, denoiser.nfe
@@ -893,7 +1008,7 @@ class ReMDMSampler(MDLMSampler):
         sigma = torch.where(in_loop, config.eta, 0.0)
         return alpha_t, alpha_s, sigma
 
-    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, logits_processor=None):
         config = self.config
         if config.strategy == "loop":
             step_times = time_grid(config.num_steps, config.t_min)[:-1]
@@ -906,7 +1021,7 @@ class ReMDMSampler(MDLMSampler):
                     "run ends with alpha held at alpha_on and the remaining [MASK]s are filled greedily. Use "
                     f"num_steps >= {math.ceil(1.0 / config.t_off) + 1} or a larger t_off."
                 )
-        return super()._sample(model, inputs, noise, recorder, progress_bar, synced_gpus)
+        return super()._sample(model, inputs, noise, recorder, progress_bar, synced_gpus, logits_processor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -925,6 +1040,7 @@ class ROARState:
     num_positions: torch.LongTensor
     noise: NoiseSource
     mask_token_id: int
+    draw: TokenDraw
     step_index: int = 0
 
 
@@ -936,7 +1052,9 @@ class ROARSampler(DiffusionSampler):
     name = "roar"
     config_class = ROARConfig
 
-    def init_state(self, inputs: SamplerInputs, noise: NoiseSource, mask_token_id: int) -> ROARState:
+    def init_state(
+        self, inputs: SamplerInputs, noise: NoiseSource, mask_token_id: int, logits_processor=None
+    ) -> ROARState:
         keys = noise.uniform_map(inputs.generatable).masked_fill(~inputs.generatable, torch.inf)
         return ROARState(
             tokens=inputs.tokens.clone(),
@@ -946,6 +1064,7 @@ class ROARSampler(DiffusionSampler):
             num_positions=inputs.generatable.sum(dim=-1),
             noise=noise,
             mask_token_id=mask_token_id,
+            draw=TokenDraw(self.config, logits_processor),
         )
 
     def step(self, state: ROARState, logits: torch.Tensor) -> ROARState:
@@ -953,21 +1072,19 @@ class ROARSampler(DiffusionSampler):
         rows = (state.num_positions > k).nonzero().squeeze(-1)  # rows that still have a position to fill
         where = torch.zeros_like(state.generatable)
         where[rows, state.order[rows, k]] = True
-        log_probs = sampling_log_probs(logits[where], self.config.temperature, self.config.top_p)
-        new_tokens = gumbel_argmax(log_probs, state.noise.sample(where, (log_probs.shape[-1],)))
+        new_tokens, new_probs = state.draw.draw(logits, where, state.tokens, state.noise)
         tokens, confidences = state.tokens.clone(), state.confidences.clone()
-        tokens[where] = new_tokens
-        confidences[where] = log_probs.gather(-1, new_tokens[:, None]).squeeze(-1).exp()
+        tokens[where], confidences[where] = new_tokens, new_probs
         return dataclasses.replace(state, tokens=tokens, confidences=confidences, step_index=k + 1)
 
-    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, logits_processor=None):
         denoiser = Denoiser(
             model,
             inputs.attention_mask,
             synced_gpus=synced_gpus,
             endpoint_snr=self.config.s_hi,
         )
-        state = self.init_state(inputs, noise, model.config.mask_token_id)
+        state = self.init_state(inputs, noise, model.config.mask_token_id, logits_processor)
         num_steps = int(state.num_positions.max()) if state.num_positions.numel() else 0
         if synced_gpus:  # every rank runs as many steps as the longest row of any rank
             num_steps = _max_over_ranks(num_steps, state.tokens.device)
@@ -1141,7 +1258,9 @@ class HybridSampler(DiffusionSampler):
         probability under the sampling distribution, 0 at the masked positions."""
         config = self.config
         where = state.generatable
-        log_probs = sampling_log_probs(logits[where], config.temperature, config.top_p)
+        log_probs = sampling_log_probs(
+            logits[where], config.temperature, config.top_p, top_k=config.top_k, nucleus_rule=config.nucleus_rule
+        )
         best_probs = torch.zeros(where.shape, dtype=torch.float64, device=where.device)
         best_probs[where] = log_probs.max(dim=-1).values.exp()
         if config.commit_rule == "threshold":
@@ -1152,7 +1271,7 @@ class HybridSampler(DiffusionSampler):
             quota = (where.sum(dim=-1, keepdim=True) * config.commit_fraction).floor().long()
             committed = where & (rank < quota)
         committed_log_probs = log_probs[committed[where]]
-        if config.commit_mode == "argmax":
+        if config.commit_mode == "argmax" or not config.do_sample:  # greedy generation commits the argmax too
             committed_tokens = committed_log_probs.argmax(dim=-1)
         else:
             uniforms = state.noise.sample(committed, (committed_log_probs.shape[-1],))
@@ -1165,7 +1284,7 @@ class HybridSampler(DiffusionSampler):
         confidences[committed] = committed_log_probs.gather(-1, committed_tokens[:, None]).squeeze(-1).exp()
         return tokens, confidences
 
-    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus):
+    def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, logits_processor=None):
         config = self.config
         mask_token_id = model.config.mask_token_id
         s_hi = self._s_hi(model)
@@ -1229,6 +1348,7 @@ class HybridSampler(DiffusionSampler):
                 times=times,
                 noise=noise,
                 mask_token_id=mask_token_id,
+                draw=TokenDraw(discrete.config, logits_processor),
             )
             state = discrete.denoise(state, discrete_denoiser, recorder, progress, step_offset=config.continuous_steps)
         nfe = denoiser.nfe + (discrete_denoiser.nfe if discrete_denoiser is not denoiser else 0)
@@ -1302,6 +1422,9 @@ __all__ = [
     "time_grid",
     "snr_grid",
     "top_p_filter",
+    "MDLMTopPLogitsWarper",
+    "TokenDraw",
+    "NUCLEUS_RULES",
     "sampling_log_probs",
     "gumbel_argmax",
     "get_sampler",
