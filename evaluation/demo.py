@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import HfArgumentParser, PreTrainedTokenizerFast
 
+from .utils import Stage
+
 
 logger = logging.getLogger(__name__)
 
@@ -265,28 +267,6 @@ class DemoArguments:
             raise ValueError(
                 f"noise_floor_steps={self.noise_floor_steps} must be one of step_budgets={self.step_budgets}."
             )
-
-
-class Stage:
-    """A resumable stage: its folder holds a `done.json` once everything in it is written."""
-
-    def __init__(self, root: str, name: str):
-        self.name, self.path = name, os.path.join(root, name)
-        os.makedirs(self.path, exist_ok=True)
-
-    @property
-    def done(self) -> bool:
-        return os.path.isfile(os.path.join(self.path, "done.json"))
-
-    def finish(self, record: dict) -> None:
-        tmp = os.path.join(self.path, "done.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, os.path.join(self.path, "done.json"))
-
-    def record(self) -> dict:
-        with open(os.path.join(self.path, "done.json")) as f:
-            return json.load(f)
 
 
 def load_corpus(args: DemoArguments):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 
-__all__ = ["batch_tensors", "atomic_write_text", "atomic_write_json", "read_json"]
+__all__ = ["batch_tensors", "atomic_write_text", "atomic_write_json", "read_json", "Stage"]
 
 
 def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,3 +53,23 @@ def atomic_write_json(path: str | Path, payload) -> Path:
 def read_json(path: str | Path):
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+class Stage:
+    """A resumable stage of a long job (the demo, the known-law benchmark): its folder holds `done.json` once
+    everything in it is written, so a re-run skips it."""
+
+    def __init__(self, root: str, name: str):
+        self.name, self.path = name, os.path.join(root, name)
+        os.makedirs(self.path, exist_ok=True)
+
+    @property
+    def done(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, "done.json"))
+
+    def finish(self, record: dict) -> dict:
+        atomic_write_json(os.path.join(self.path, "done.json"), record)
+        return record
+
+    def record(self) -> dict:
+        return read_json(os.path.join(self.path, "done.json"))

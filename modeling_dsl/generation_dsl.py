@@ -362,6 +362,11 @@ class DSLGenerationMixin:
         the diffusers signature."""
         if callback_on_step_end is None:
             return None
+        if not callable(callback_on_step_end):
+            raise TypeError(
+                f"callback_on_step_end must be callable as callback_on_step_end(model, step_index, callback_kwargs), "
+                f"got {type(callback_on_step_end).__name__}."
+            )
         return lambda step_index, state: callback_on_step_end(self, step_index, {"tokens": state.tokens, "state": state})
 
     @staticmethod

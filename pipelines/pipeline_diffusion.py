@@ -155,6 +155,8 @@ class DiffusionTextGenerationPipeline(Pipeline):
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
         # Number the inputs, so that each row's seed depends on its position in the call (not on the batch or the
         # DataLoader worker that preprocesses it); everything else is the stock Pipeline iteration.
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1 (inputs per forward pass).")
         if isinstance(inputs, collections.abc.Sized):
             inputs = NumberedInputs(inputs)
         else:

@@ -395,7 +395,8 @@ PIPELINE_CASES = [
     ("return_text 0", "w1", dict(return_text=0), TypeError, "return_text must be True or False"),
     ("skip_special_tokens 'false'", "w1", dict(skip_special_tokens="false"), TypeError, "skip_special_tokens must be True or False"),
     ("return_trajectory 1", "w1", dict(return_trajectory=1), TypeError, "return_trajectory must be True or False"),
-    ("callback not callable", "w1", dict(callback="print"), TypeError, "callback must be callable"),
+    ("callback_on_step_end not callable", "w1", dict(callback_on_step_end="print"), TypeError,
+     "callback_on_step_end must be callable"),
     ("snr_min above snr_max", "w1", dict(sampler="dsl-sde", snr_min=500.0), ValueError, "snr_min=500.0 must be < snr_max=100.0"),
     ("unknown argument", "w1", dict(temprature=0.5), TypeError, "got unexpected arguments ['temprature']"),
     ("unknown sampler", "w1", dict(sampler="ancestral"), ValueError, "sampler='ancestral' is not supported"),
@@ -403,8 +404,8 @@ PIPELINE_CASES = [
     ("max_length float", "w1", dict(max_length=1.5), ValueError, "max_length=1.5 must be a non-negative integer"),
     ("prompt longer than max_length", "w1 w2 w3", dict(max_length=2), ValueError, "more than the sequence length max_length=2"),
     ("num_return_sequences 0", "w1", dict(num_return_sequences=0), ValueError, "num_return_sequences=0 must be an integer >= 1"),
-    ("batch_size 0", "w1", dict(batch_size=0), ValueError, "batch_size=0 must be an integer >= 1"),
-    ("a list with a number", ["w1", 3], {}, TypeError, "inputs must be None, a string or a non-empty list of strings"),
+    ("batch_size 0", ["w1", "w2"], dict(batch_size=0), ValueError, "batch_size=0 must be an integer >= 1"),
+    ("a list with a number", ["w1", 3], {}, TypeError, "an input must be None or a string, got int (3)"),
     ("nan top_p", "w1", dict(top_p=NAN), ValueError, "top_p=nan"),
 ]
 
@@ -503,10 +504,10 @@ FINETUNE_CASES = [
     ("accumulation 0", ["--gradient_accumulation_steps", "0"], ValueError, "gradient_accumulation_steps=0"),
     ("nan LoRA alpha", ["--lora_r", "4", "--lora_alpha", "nan"], ValueError, "lora_alpha=nan must be a finite number > 0"),
     ("misspelled override", ["--config_overrides", "embeddim=8"], ValueError,
-     "config_overrides names ['embeddim'], which are not DSLConfig fields"),
+     "config_overrides='embeddim=8': key embeddim isn't in the original config dict"),
     ("override out of range", ["--config_overrides", "embed_dim=0"], ValueError, "embed_dim=0 must be an integer >= 1"),
     ("override of a loaded model", ["--model_name_or_path", "{model}", "--tokenizer_name", "{model}", "--config_overrides",
-                                    "snr_max=-3"], ValueError, "snr_max=-3 must be a finite number"),
+                                    "snr_max=-3"], ValueError, "snr_max=-3.0 must be a finite number"),
     ("missing tokenizer folder", ["--tokenizer_name", "./no-tokenizer"], FileNotFoundError, "'./no-tokenizer' does not exist"),
 ]
 
@@ -726,3 +727,11 @@ def test_evaluate_arguments_need_a_mauve_seed():
 
     with raises(ValueError, "mauve_seeds is empty"):
         SweepArguments(checkpoints=["a"], mauve_seeds=[])
+
+
+def test_finetune_rejects_a_misspelled_override_from_a_config_file(tmp_path):
+    """A YAML/JSON config gives the overrides as a mapping, which skips the string parser: the names are checked too."""
+    from dsl_diffusion.trainer.finetune import check_override_names
+
+    with raises(ValueError, "config_overrides names ['embeddim'], which are not DSLConfig fields"):
+        check_override_names({"embeddim": 8})

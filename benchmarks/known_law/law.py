@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import IterableDataset
 
 
 @dataclass
@@ -233,15 +233,3 @@ class LawSampleStream(IterableDataset):
             for row in self.law.sample(self.chunk_size, self.length, generator):
                 yield {"input_ids": row}
 
-
-class FixedRows(Dataset):
-    """A fixed set of rows (evaluation samples) in the collator's `{"input_ids": ...}` form."""
-
-    def __init__(self, tokens: torch.LongTensor):
-        self.tokens = tokens
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.tokens[index]}

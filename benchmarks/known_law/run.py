@@ -30,10 +30,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 from transformers import HfArgumentParser
 
-from .law import FixedRows, HiddenMarkovLaw, HMMLawConfig, LawSampleStream, build_law
+from dsl_diffusion.evaluation.utils import Stage, atomic_write_json
+
+from .law import HiddenMarkovLaw, HMMLawConfig, LawSampleStream, build_law
 from .metrics import bigram_kl, nll_scores, nfe_to_match, score_samples
 
 
@@ -189,33 +191,6 @@ class KnownLawArguments:
     def law_config(self) -> HMMLawConfig:
         names = {f.name for f in fields(HMMLawConfig)}
         return HMMLawConfig(**{name: getattr(self, name) for name in names})
-
-
-class Stage:
-    """A resumable stage: its folder holds `done.json` once everything in it is written."""
-
-    def __init__(self, root: str, name: str):
-        self.name, self.path = name, os.path.join(root, name)
-        os.makedirs(self.path, exist_ok=True)
-
-    @property
-    def done(self) -> bool:
-        return os.path.isfile(os.path.join(self.path, "done.json"))
-
-    def finish(self, record: dict) -> dict:
-        write_json(os.path.join(self.path, "done.json"), record)
-        return record
-
-    def record(self) -> dict:
-        with open(os.path.join(self.path, "done.json")) as f:
-            return json.load(f)
-
-
-def write_json(path: str, payload) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -514,7 +489,7 @@ def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
             raise RuntimeError(f"{cell['name']} left [MASK] in its output")
         torch.save(tokens.to(torch.int16), os.path.join(stage.path, cell["name"] + ".pt"))
         record = {**cell, "nfe": nfe, "seconds": seconds, **score_samples(law, tokens, entropy, exact_pairs)}
-        write_json(path, record)
+        atomic_write_json(path, record)
         logger.info("%-36s NFE %5.1f  %5.1f s  excess %s  impossible %.3f  KL %s", cell["name"], nfe, seconds,
                     _fmt(record["nll_excess_mean"]), record["impossible_share"], _fmt(record["bigram_kl"]))
     if all(os.path.isfile(os.path.join(stage.path, cell["name"] + ".json")) for cell in cells):
@@ -679,7 +654,7 @@ def stage_report(args, law_record: dict, arm_stages: dict[str, Stage], pretrain:
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                         "threads": torch.get_num_threads()},
     }
-    write_json(os.path.join(args.output_dir, "results.json"), report)
+    atomic_write_json(os.path.join(args.output_dir, "results.json"), report)
     print(table)
     return report
 
