@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
@@ -408,3 +409,29 @@ def test_convert_cli_writes_a_loadable_folder(tmp_path, mdlm_sd):
         )
     with pytest.raises(ValueError, match="dtype='float16' is not supported"):
         main(["--mdlm_checkpoint", str(source), "--output_dir", str(out), "--dtype", "float16"])
+
+
+def plain_converter(model, noisy_states):
+    """The converter as METHOD.md writes it: softmax(beta [<z, e_1>, .., <z, e_V>, 0] + b) W."""
+    scores = model.converter_beta * (noisy_states @ model.token_directions().T)
+    slot_probs = (F.pad(scores, (0, 1)) + model.converter_bias).softmax(dim=-1)
+    return slot_probs @ model.backbone.vocab_embed.embedding
+
+
+def test_converter_equals_the_plain_formula_with_gradients():
+    model = randomized_model(tiny_config())
+    with torch.no_grad():
+        model.converter_bias[40] = 3.0
+        model.converter_beta.fill_(0.9)
+    z = torch.randn(3, 7, model.config.embed_dim, generator=torch.Generator().manual_seed(0)) * 4
+    z[0, :3] = 0.0  # [MASK] states
+    with torch.no_grad():
+        torch.testing.assert_close(model.convert_noisy_states(z), plain_converter(model, z), atol=1e-6, rtol=1e-5)
+    weights = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    parameters = [model.token_directions.weight, model.converter_beta, model.converter_bias, model.backbone.vocab_embed.embedding]
+    gradients = []
+    for converter in (model.convert_noisy_states, lambda states: plain_converter(model, states)):
+        states = z.clone().requires_grad_()
+        gradients.append(torch.autograd.grad((converter(states) * weights).sum(), [states, *parameters]))
+    for fused, plain in zip(*gradients):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
