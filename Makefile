@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_converter.py --quick
 	$(PY) benchmarks/bench_samplers.py --quick
 	$(PY) benchmarks/bench_training.py --quick
 
