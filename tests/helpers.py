@@ -4,6 +4,11 @@ A plain module (imported as ``from helpers import ...``, like ``mdlm_reference``
 started as ``python tests/<file>.py`` can use it too; pytest fixtures live in ``conftest.py``.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -46,3 +51,14 @@ def word_level_tokenizer(words, unknown_word: str, /, **special_tokens) -> PreTr
     backend = Tokenizer(WordLevel({word: index for index, word in enumerate(words)}, unk_token=unknown_word))
     backend.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+
+
+def run_remote_code(script: str, folder, tmp_path) -> dict:
+    """Run `script` (given the saved `folder` as argv[1]) in a fresh, isolated Python process with its own remote-code
+    cache and no Hub access; return the JSON object its last printed line holds."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

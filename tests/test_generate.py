@@ -3,8 +3,6 @@ loss, base_model_prefix, the attention registry) and generate through remote cod
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from transformers import AutoModel, GenerationConfig, LogitsProcessor, LogitsPro
 
 from dsl_diffusion.modeling_dsl import DSLGenerateOutput, DSLGenerationConfig
 from dsl_diffusion.modeling_dsl.generation_dsl import LEGACY_GENERATION_CONFIG_NAME
-from helpers import tiny_dsl_model
+from helpers import run_remote_code, tiny_dsl_model
 
 MASK = 32
 SAMPLERS = ("mdlm", "remdm", "remdm-loop", "dsl-sde", "hybrid", "roar")
@@ -227,12 +225,7 @@ def test_generate_through_remote_code_in_a_fresh_process(tmp_path):
         "print(json.dumps({'module': type(model).__module__, 'config': type(model.generation_config).__name__,\n"
         "                  'sampler': model.generation_config.strategy, 'sequences': out.sequences.tolist(), 'nfe': out.nfe}))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_remote_code(script, folder, tmp_path)
     assert remote["module"].startswith("transformers_modules.") and remote["config"] == "DSLGenerationConfig"
     assert remote["sampler"] == "conf"
     expected = model.generate(seed=2)

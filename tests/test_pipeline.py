@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from dsl_diffusion.modeling_dsl.generation_dsl import ALL_SAMPLER_KNOBS, LEGACY_GENERATION_CONFIG_NAME
 from dsl_diffusion.pipelines import DiffusionTextGenerationPipeline, DSLGenerationConfig
 from dsl_diffusion.pipelines.generate import SamplerArguments, main
-from helpers import tiny_dsl_model, word_level_tokenizer
+from helpers import run_remote_code, tiny_dsl_model, word_level_tokenizer
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]  # 32 real tokens
 
@@ -239,12 +239,7 @@ def test_fresh_process_loads_the_pipeline_from_remote_code_without_the_library(p
         "outputs = pipe(None, num_return_sequences=2, num_steps=4, seed=0, max_length=12, progress_bar=False)\n"
         "print(json.dumps({'module': type(pipe).__module__, 'outputs': outputs}))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_remote_code(script, folder, tmp_path)
     assert remote["module"].startswith("transformers_modules.") and remote["module"].endswith("pipeline_diffusion")
     assert remote["outputs"] == pipe(None, num_return_sequences=2, num_steps=4, seed=0, max_length=12)
 
