@@ -118,6 +118,13 @@ PRESETS = {
     ),
 }
 ARM_RECIPES = ("cosine", "reference")
+# Extra DSL arms that separate the two fixes of issue 10, sampled with ReMDM at `ablation_step_budgets`:
+# - "table_path": the "dsl" arm's weights shown the discrete states through the input table (W[x], W[V]), as before
+#   the endpoint fix: the recipe fix alone;
+# - "legacy_recipe": a DSL arm trained with the recipe the library used before (the cosine schedule, and E, beta, b
+#   *and* the input table W at a DSL learning rate of 1e-2), sampled through the converter: the path fix alone.
+ABLATION_ARMS = {"table_path": "dsl-table", "legacy_recipe": "dsl-legacy"}
+LEGACY_DSL_LEARNING_RATE = 1e-2
 LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (t <= t_off)
 
 
@@ -154,6 +161,8 @@ def plan_cells(args) -> list[Cell]:
     for steps in args.step_budgets:
         remdm = tuple(sorted(remdm_knobs(steps, args.block_size).items()))
         per_budget = [("mdlm", "remdm", remdm), ("dsl", "remdm", remdm)]  # the headline pair: every budget
+        if steps in (args.ablation_step_budgets or args.secondary_step_budgets or args.step_budgets):
+            per_budget += [(ABLATION_ARMS[ablation], "remdm", remdm) for ablation in args.ablations]
         if steps in (args.secondary_step_budgets or args.step_budgets):
             per_budget += [("mdlm", "mdlm", ()), ("dsl", "dsl-sde", (("snr_schedule", "log-linear"),))]
             if steps >= 2:  # the hybrid needs at least one continuous and one discrete step
@@ -199,6 +208,16 @@ class DemoArguments:
         default=None,
         metadata={"help": "Learning rate of E, beta and the converter bias (default: 1e-2 with arm_recipe 'cosine', "
                   "the backbone's with 'reference')."},
+    )
+    ablations: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"Extra DSL arms that separate the endpoint-path fix from the recipe fix: {sorted(ABLATION_ARMS)} "
+                  "('table_path': the dsl arm sampled through the input table; 'legacy_recipe': a DSL arm trained with "
+                  "the pre-fix recipe, W in the DSL group at 1e-2, sampled through the converter)."},
+    )
+    ablation_step_budgets: list[int] | None = field(
+        default=None,
+        metadata={"help": "Budgets of the ablation arms' ReMDM cells (default: secondary_step_budgets)."},
     )
     step_budgets: list[int] | None = field(default=None, metadata={"help": "Step budgets T of the sampling sweep."})
     secondary_step_budgets: list[int] | None = field(
@@ -262,6 +281,13 @@ class DemoArguments:
             raise ValueError(
                 f"secondary_step_budgets={self.secondary_step_budgets} must be a subset of "
                 f"step_budgets={self.step_budgets}."
+            )
+        unknown = sorted(set(self.ablations) - set(ABLATION_ARMS))
+        if unknown:
+            raise ValueError(f"ablations={unknown} are not supported; accepted: {sorted(ABLATION_ARMS)}.")
+        if self.ablation_step_budgets and not set(self.ablation_step_budgets) <= set(self.step_budgets):
+            raise ValueError(
+                f"ablation_step_budgets={self.ablation_step_budgets} must be a subset of step_budgets={self.step_budgets}."
             )
         if self.noise_floor_seeds and self.noise_floor_steps not in self.step_budgets:
             raise ValueError(
@@ -328,22 +354,30 @@ def train_and_save(args, trainer, out_dir, steps) -> dict:
     }
 
 
-def training_arguments(args, out_dir, objective, steps, learning_rate, dsl_learning_rate=None, named_recipe=None):
+def training_arguments(
+    args, out_dir, objective, steps, learning_rate, dsl_learning_rate=None, named_recipe=None, **dsl_options
+):
     """The shared recipe, or a named `DSLTrainingArguments` recipe, which then sets the optimizer, schedule, EMA and
-    loss options that the shared recipe would otherwise fix."""
+    loss options that the shared recipe would otherwise fix. `dsl_options`: further `DSLTrainingArguments` fields."""
     from ..trainer import DSLTrainingArguments
 
     shared = recipe(args, out_dir, steps, learning_rate)
     if named_recipe is not None:
         for name in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm"):
             del shared[name]
-    return DSLTrainingArguments(objective=objective, dsl_learning_rate=dsl_learning_rate, recipe=named_recipe, **shared)
+    return DSLTrainingArguments(
+        objective=objective, dsl_learning_rate=dsl_learning_rate, recipe=named_recipe, **shared, **dsl_options
+    )
 
 
-def train_model(args, model, rows, out_dir, objective, steps, learning_rate, dsl_learning_rate=None, named_recipe=None):
+def train_model(
+    args, model, rows, out_dir, objective, steps, learning_rate, dsl_learning_rate=None, named_recipe=None, **dsl_options
+):
     from ..trainer import DiffusionDataCollator, DSLTrainer
 
-    training_args = training_arguments(args, out_dir, objective, steps, learning_rate, dsl_learning_rate, named_recipe)
+    training_args = training_arguments(
+        args, out_dir, objective, steps, learning_rate, dsl_learning_rate, named_recipe, **dsl_options
+    )
     trainer = DSLTrainer(
         model=model, args=training_args, train_dataset=rows["train"], eval_dataset=rows["validation"],
         data_collator=DiffusionDataCollator(),
@@ -377,28 +411,29 @@ def stage_pretrain(args, rows, tokenizer):
     return stage
 
 
-def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str):
+def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str, legacy_recipe: bool = False):
+    """A fine-tuning arm: `args.arm_recipe`, or with `legacy_recipe` the recipe of the library before issue 10 (the
+    cosine schedule; E, beta, b and the input table W at 1e-2)."""
     from ..modeling_dsl import DSLForMaskedDiffusion
 
-    stage = Stage(args.output_dir, f"arm-{objective}")
+    stage = Stage(args.output_dir, f"arm-{ABLATION_ARMS['legacy_recipe'] if legacy_recipe else objective}")
     if not stage.done:
         torch.manual_seed(args.seed)
         model = DSLForMaskedDiffusion.from_pretrained(pretrained.path)
         directions_before = model.token_directions().detach().clone()
+        if legacy_recipe:
+            options = dict(dsl_learning_rate=LEGACY_DSL_LEARNING_RATE, dsl_group_includes_input_table=True)
+        else:
+            options = dict(
+                dsl_learning_rate=args.dsl_learning_rate if objective == "dsl" else None,
+                named_recipe="reference" if args.arm_recipe == "reference" else None,
+            )
         record = train_model(
-            args,
-            model,
-            rows,
-            stage.path,
-            objective,
-            args.finetune_steps,
-            args.finetune_learning_rate,
-            dsl_learning_rate=args.dsl_learning_rate if objective == "dsl" else None,
-            named_recipe="reference" if args.arm_recipe == "reference" else None,
+            args, model, rows, stage.path, objective, args.finetune_steps, args.finetune_learning_rate, **options
         )
         cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach().cpu(), directions_before.cpu(), dim=-1)
         record.update(
-            recipe=args.arm_recipe,
+            recipe="legacy" if legacy_recipe else args.arm_recipe,
             directions_mean_cosine_to_init=float(cosine.mean()),
             converter_beta=float(model.converter_beta.detach()),
         )
@@ -464,10 +499,19 @@ def sample_ar(model, args, cell: Cell, tokenizer):
     return out, args.block_size - 1  # one cached forward pass per generated token
 
 
+def load_diffusion_arm(arm: str, stage: Stage):
+    """An arm's denoiser; the "table_path" ablation arm is the dsl arm shown discrete states through the table."""
+    from ..modeling_dsl import DSLForMaskedDiffusion
+
+    model = DSLForMaskedDiffusion.from_pretrained(stage.path)
+    if arm == ABLATION_ARMS["table_path"]:
+        model.config.endpoint_inputs = "table"
+    return model
+
+
 def stage_sampling(args, arms: dict[str, Stage], tokenizer):
     from transformers import LlamaForCausalLM
 
-    from ..modeling_dsl import DSLForMaskedDiffusion
     from ..pipelines.samplers import get_sampler
 
     stage = Stage(args.output_dir, "samples")
@@ -478,8 +522,10 @@ def stage_sampling(args, arms: dict[str, Stage], tokenizer):
         if os.path.isfile(path):
             continue
         if cell.arm not in models:
-            model_class = LlamaForCausalLM if cell.arm == "ar" else DSLForMaskedDiffusion
-            models[cell.arm] = model_class.from_pretrained(arms[cell.arm].path).to(device).eval()
+            if cell.arm == "ar":
+                models[cell.arm] = LlamaForCausalLM.from_pretrained(arms[cell.arm].path).to(device).eval()
+            else:
+                models[cell.arm] = load_diffusion_arm(cell.arm, arms[cell.arm]).to(device).eval()
         start = time.perf_counter()
         knobs = dict(cell.knobs)
         if cell.sampler == "ar":
@@ -568,12 +614,8 @@ def stage_metrics(args, rows, tokenizer, samples: Stage, arms: dict[str, Stage])
             logger.warning("AR-judge PPL undefined for a cell: %s", error)
             return None
 
-    from ..modeling_dsl import DSLForMaskedDiffusion
-
     diagnostics = {
-        arm: endpoint_diagnostics(
-            DSLForMaskedDiffusion.from_pretrained(stage.path).eval(), tokenizer.eos_token_id, args.block_size
-        )
+        arm: endpoint_diagnostics(load_diffusion_arm(arm, stage).eval(), tokenizer.eos_token_id, args.block_size)
         for arm, stage in arms.items()
         if arm != "ar"
     }
@@ -694,7 +736,7 @@ def plot_curves(args, results: list[dict]) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-HEADLINE_CANDIDATES = ("dsl+remdm", "dsl+hybrid", "dsl+dsl-sde")
+HEADLINE_CANDIDATES = ("dsl+remdm", "dsl+hybrid", "dsl+dsl-sde") + tuple(f"{arm}+remdm" for arm in ABLATION_ARMS.values())
 
 
 HEADLINE_METRICS = {"mauve": True, "frechet": False}  # metric: higher is better
@@ -815,6 +857,10 @@ def run(args: DemoArguments) -> dict:
     rows = build_rows(args, corpus, tokenizer)
     pretrained = stage_pretrain(args, rows, tokenizer)
     arms = {objective: stage_arm(args, rows, tokenizer, pretrained, objective) for objective in ("mdlm", "dsl")}
+    if "table_path" in args.ablations:
+        arms[ABLATION_ARMS["table_path"]] = arms["dsl"]  # the same weights, loaded with the table path
+    if "legacy_recipe" in args.ablations:
+        arms[ABLATION_ARMS["legacy_recipe"]] = stage_arm(args, rows, tokenizer, pretrained, "dsl", legacy_recipe=True)
     if args.ar_arm:
         arms["ar"] = stage_ar(args, rows, tokenizer)
     samples = stage_sampling(args, arms, tokenizer)

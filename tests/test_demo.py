@@ -20,10 +20,13 @@ from dsl_diffusion.evaluation.demo import (
 )
 
 
+ABLATIONS = ["--ablations", "table_path", "legacy_recipe", "--ablation_step_budgets", "4"]
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    main(["--preset", "ci", "--output_dir", str(out), "--judge", "smollm2", "--save_steps", "10"])
+    main(["--preset", "ci", "--output_dir", str(out), "--judge", "smollm2", "--save_steps", "10"] + ABLATIONS)
     return out
 
 
@@ -37,7 +40,7 @@ def test_demo_writes_every_artifact(demo_dir):
 
 def test_demo_numbers_are_finite_and_in_range(demo_dir):
     report = json.loads((demo_dir / "results.json").read_text())
-    args = DemoArguments(preset="ci")
+    args = DemoArguments(preset="ci", ablations=["table_path", "legacy_recipe"], ablation_step_budgets=[4])
     rows = report["results"]
     assert sorted(row["cell"] for row in rows) == sorted(cell.name for cell in plan_cells(args))
     for row in rows:
@@ -57,6 +60,13 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
         assert 0.0 <= diagnostics["all_masked_eos_probability"] <= diagnostics["all_masked_top_token_probability"] <= 1
         assert 0.0 < diagnostics["converter_mask_slot_weight_at_z0"] < 1.0
         assert math.isfinite(record["eval"]["eval_loss"])
+    # The ablation arms: the dsl arm's weights through the table, and a legacy-recipe arm through the converter.
+    assert {"dsl-table+remdm-cap@T4", "dsl-legacy+remdm-cap@T4"} <= {row["cell"] for row in rows}
+    assert "dsl-table+remdm-cap@T8" not in {row["cell"] for row in rows}
+    assert report["arms"]["dsl-table"]["diagnostics"]["endpoint_inputs"] == "table"
+    assert report["arms"]["dsl"]["diagnostics"]["endpoint_inputs"] == "converter"
+    assert report["arms"]["dsl-legacy"]["diagnostics"]["endpoint_inputs"] == "converter"
+    assert report["arms"]["dsl-legacy"]["recipe"] == "legacy"
     # The AR reference saw as many tokens as pretraining + one arm, and judges every cell in-domain.
     ar = report["arms"]["ar"]
     assert ar["tokens"] == report["arms"]["mdlm"]["tokens"] + args.pretrain_steps * args.batch_size * args.block_size
@@ -73,7 +83,7 @@ def test_demo_numbers_are_finite_and_in_range(demo_dir):
     headline = report["nfe_to_match_mdlm_remdm"]
     assert set(headline) == {"mauve", "frechet"}
     for per_candidate in headline.values():
-        assert set(per_candidate) == {"dsl+remdm", "dsl+hybrid", "dsl+dsl-sde"}
+        assert set(per_candidate) == {"dsl+remdm", "dsl+hybrid", "dsl+dsl-sde", "dsl-table+remdm", "dsl-legacy+remdm"}
         for points in per_candidate.values():
             assert [p["baseline_nfe"] for p in points] == sorted(p["baseline_nfe"] for p in points)
             assert len(points) == len(args.step_budgets)
@@ -191,6 +201,13 @@ def test_demo_rejects_bad_arguments():
         DemoArguments(preset="ci", secondary_step_budgets=[2])
     with pytest.raises(ValueError, match="ar_steps=0 must be >= 1"):
         DemoArguments(preset="ci", ar_steps=0)
+
+
+def test_ablation_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"ablations=\['lr'\] are not supported; accepted: \['legacy_recipe', 'table_path'\]"):
+        DemoArguments(preset="ci", ablations=["lr"])
+    with pytest.raises(ValueError, match=r"ablation_step_budgets=\[2\] must be a subset of step_budgets=\[4, 8\]"):
+        DemoArguments(preset="ci", ablations=["table_path"], ablation_step_budgets=[2])
 
 
 def test_arm_recipes(tmp_path):
