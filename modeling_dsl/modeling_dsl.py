@@ -502,6 +502,8 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
                 f"input_ids must be an integer tensor of token ids, got "
                 f"{type(input_ids).__name__ if not torch.is_tensor(input_ids) else input_ids.dtype}."
             )
+        if torch.compiler.is_compiling():  # the value checks below read data; a compiled graph must not branch on it
+            return
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() > self.config.mask_token_id):
             raise ValueError(
                 f"input_ids must lie in [0, {self.config.mask_token_id}] ({self.config.vocab_size} tokens and "
@@ -543,14 +545,18 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
                     f"{noisy_states.dtype if torch.is_tensor(noisy_states) else type(noisy_states).__name__}; "
                     "token ids go to `input_ids`."
                 )
-            if not bool(torch.isfinite(noisy_states).all()):
+            if not torch.compiler.is_compiling() and not bool(torch.isfinite(noisy_states).all()):
                 raise ValueError(
                     "noisy_states contain NaN or infinite values; every state must be finite (z = 0 is [MASK])."
                 )
         if attention_mask is not None:
             if not torch.is_tensor(attention_mask):
                 raise TypeError(f"attention_mask must be a tensor of 0/1, got {type(attention_mask).__name__}.")
-            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            if (
+                attention_mask.dtype != torch.bool
+                and not torch.compiler.is_compiling()
+                and bool(((attention_mask != 0) & (attention_mask != 1)).any())
+            ):
                 raise ValueError(
                     f"attention_mask must hold only 0 (padding) and 1 (real token); got values "
                     f"{sorted(set(attention_mask.unique().tolist()))[:8]}. Use 1 for every position to attend to."
@@ -614,11 +620,15 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
           x is z = s_hi e_x. Computed once per distinct id in the batch, not once per position.
         - "converter_at_mask": the converter at `[MASK]`, and W[x] (the s_hi -> infinity limit) at tokens.
         """
-        mode = self.config.endpoint_inputs
-        if mode == "table":
+        if self.config.endpoint_inputs == "table":
             return self.backbone.vocab_embed(input_ids)
-        snr = self._endpoint_snr(endpoint_snr)
-        if mode == "converter_at_mask":
+        return self._embed_endpoints_through_converter(input_ids, self._endpoint_snr(endpoint_snr))
+
+    # Runs eagerly under torch.compile: its work is per distinct token (a data-dependent size) and it reads the
+    # inference cache, so a compiled forward has this one deliberate boundary and the transformer after it.
+    @torch.compiler.disable
+    def _embed_endpoints_through_converter(self, input_ids: torch.LongTensor, snr: float) -> torch.Tensor:
+        if self.config.endpoint_inputs == "converter_at_mask":
             mask_id = torch.full((1,), self.config.mask_token_id, device=input_ids.device)
             mask_input = self._converter_endpoint_rows(mask_id, snr)[0]
             is_mask = input_ids == self.config.mask_token_id

@@ -300,8 +300,11 @@ class Denoiser:
         synced_gpus: bool = False,
         s_hi: float | None = None,
         endpoint_snr: float | None = None,
+        torch_compile: bool = False,
     ):
         self.model = model
+        # Compiled once per model and reused by every later run (the compiled code lives in dynamo's cache).
+        self.network = torch.compile(model) if torch_compile else model
         self.attention_mask = attention_mask
         self.use_cache = use_cache
         self.synced_gpus = synced_gpus
@@ -313,14 +316,14 @@ class Denoiser:
         self._cached_keep = None
         self._cached_logits = None
         self._directions = None
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = not torch_compile and "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def _forward(self, logits_to_keep: torch.BoolTensor | None = None, **model_inputs) -> torch.Tensor | KeptLogits:
         self.nfe += 1
         if logits_to_keep is not None and self.keeps_logits:
-            values = self.model(**model_inputs, attention_mask=self.attention_mask, logits_to_keep=logits_to_keep)
+            values = self.network(**model_inputs, attention_mask=self.attention_mask, logits_to_keep=logits_to_keep)
             return KeptLogits(self._without_mask_class(values.logits), logits_to_keep)
-        return self._without_mask_class(self.model(**model_inputs, attention_mask=self.attention_mask).logits)
+        return self._without_mask_class(self.network(**model_inputs, attention_mask=self.attention_mask).logits)
 
     def _without_mask_class(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[-1] > self.mask_token_id:
@@ -501,6 +504,9 @@ class SamplingConfig:
             (`forward(logits_to_keep=...)`: the masked positions, or ROAR's one position per row), which skips the
             output head elsewhere. The tokens drawn are the same; False computes every position's logits (models
             whose `forward` has no `logits_to_keep` always do).
+        torch_compile: run the model's forward through `torch.compile` (inductor). The first call of a shape
+            compiles (seconds on a GPU, a minute or more on a CPU); later calls and runs reuse it. Logits are then
+            computed at every position: a data-dependent set of positions would break the compiled graph.
     """
 
     top_p: float = 1.0
@@ -510,6 +516,7 @@ class SamplingConfig:
     top_k: int = 0
     nucleus_rule: str = "transformers"
     logits_where_needed: bool = True
+    torch_compile: bool = False
 
     def __post_init__(self):
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -518,6 +525,7 @@ class SamplingConfig:
             _check_range("s_hi", self.s_hi, 0.0, math.inf, low_open=True, high_open=True)
         _check_bool("do_sample", self.do_sample)
         _check_bool("logits_where_needed", self.logits_where_needed)
+        _check_bool("torch_compile", self.torch_compile)
         _check_int("top_k", self.top_k, 0)
         _check_choice("nucleus_rule", self.nucleus_rule, NUCLEUS_RULES)
 
@@ -644,6 +652,9 @@ class SDEConfig:
         snr_max: last SNR (None = `model.config.snr_max`).
         lognormal_mean, lognormal_std: the log-normal law of the "log-normal" grid (OWT training: 2.69, 1.41).
         s_hi: SNR at which fixed (prompt) tokens are shown, z = s_hi e_x (None = `model.config.snr_max`).
+        torch_compile: run the model's forward through `torch.compile` (inductor). The first call of a shape
+            compiles (seconds on a GPU, a minute or more on a CPU); later calls and runs reuse it. Logits are then
+            computed at every position: a data-dependent set of positions would break the compiled graph.
     """
 
     num_steps: int = 128
@@ -653,9 +664,11 @@ class SDEConfig:
     lognormal_mean: float = 2.69
     lognormal_std: float = 1.41
     s_hi: float | None = None
+    torch_compile: bool = False
 
     def __post_init__(self):
         _check_int("num_steps", self.num_steps, 1)
+        _check_bool("torch_compile", self.torch_compile)
         _check_choice("snr_schedule", self.snr_schedule, SNR_SCHEDULES)
         _check_range("snr_min", self.snr_min, 0.0, math.inf, low_open=True, high_open=True)
         if self.snr_max is not None:
@@ -763,6 +776,7 @@ class HybridConfig(SamplingConfig):
             nucleus_rule=self.nucleus_rule,
             s_hi=self.s_hi,
             logits_where_needed=self.logits_where_needed,
+            torch_compile=self.torch_compile,
         )
         if self.discrete_strategy == "mdlm":
             return MDLMConfig(**shared)
@@ -1006,6 +1020,7 @@ class MDLMSampler(DiffusionSampler):
             use_cache=self.config.use_cache and not getattr(model.config, "time_conditioning", False),
             synced_gpus=synced_gpus,
             endpoint_snr=self.config.s_hi,
+            torch_compile=self.config.torch_compile,
         )
 
     def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, logits_processor=None):
@@ -1139,6 +1154,7 @@ class ROARSampler(DiffusionSampler):
             inputs.attention_mask,
             synced_gpus=synced_gpus,
             endpoint_snr=self.config.s_hi,
+            torch_compile=self.config.torch_compile,
         )
         state = self.init_state(inputs, noise, model.config.mask_token_id, logits_processor)
         num_steps = int(state.num_positions.max()) if state.num_positions.numel() else 0
@@ -1267,7 +1283,9 @@ class DSLSDESampler(DiffusionSampler):
 
     def _sample(self, model, inputs, noise, recorder, progress_bar, synced_gpus, snr_grid=None):
         s_hi = self.config.s_hi if self.config.s_hi is not None else float(model.config.snr_max)
-        denoiser = Denoiser(model, inputs.attention_mask, synced_gpus=synced_gpus, s_hi=s_hi)
+        denoiser = Denoiser(
+            model, inputs.attention_mask, synced_gpus=synced_gpus, s_hi=s_hi, torch_compile=self.config.torch_compile
+        )
         grid = self.build_grid(model, snr_grid, device=inputs.tokens.device)
         state = self.init_state(inputs, noise, denoiser, grid)
         with self._progress(grid.shape[-1] - 1, progress_bar) as progress:
@@ -1375,6 +1393,7 @@ class HybridSampler(DiffusionSampler):
             synced_gpus=synced_gpus,
             s_hi=s_hi,
             endpoint_snr=config.s_hi,
+            torch_compile=config.torch_compile,
         )
         with self._progress(config.num_steps, progress_bar) as progress:
             grid = sde.build_grid(model, device=inputs.tokens.device)
@@ -1393,6 +1412,7 @@ class HybridSampler(DiffusionSampler):
                     s_hi=s_hi,
                     use_cache=use_cache,
                     synced_gpus=synced_gpus,
+                    torch_compile=config.torch_compile,
                 )
             if config.discrete_t_start is not None:
                 t_start = torch.full((tokens.shape[0],), config.discrete_t_start, dtype=torch.float64)

@@ -507,3 +507,17 @@ def test_endpoint_cache_gives_the_same_logits_and_converts_each_token_once(endpo
         assert per_snr == {50.0: seen, 20.0: seen}  # each id converted once per SNR
     else:
         assert per_snr == {50.0: [mask], 20.0: [mask]}  # only [MASK] goes through the converter, once per SNR
+
+
+@pytest.mark.parametrize("endpoint_inputs", ["table", "converter"])
+@pytest.mark.parametrize("path", ["input_ids", "noisy_states"])
+def test_forward_traces_into_one_graph_for_torch_compile(endpoint_inputs, path):
+    """The data-dependent input checks are skipped while compiling, so `torch.compile` sees the forward as one graph
+    without breaks (a converter-endpoint model's per-token converter runs eagerly at the graph's start)."""
+    model = randomized_model(tiny_config(endpoint_inputs=endpoint_inputs))
+    ids = torch.randint(0, 41, (2, 12))
+    inputs = {"input_ids": ids} if path == "input_ids" else {"noisy_states": torch.randn(2, 12, 8)}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.forward)(**inputs, attention_mask=torch.ones(2, 12, dtype=torch.long))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

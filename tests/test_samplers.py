@@ -843,3 +843,18 @@ def test_synced_gpus_makes_every_rank_run_the_same_number_of_forward_passes():
     # the control: without syncing, rank 0 would skip calls that rank 1 makes (a ZeRO-3 deadlock)
     assert rank0["mdlm-False"] == 1 < rank1["mdlm-False"]
     assert rank0["roar-False"] == 0 and rank1["roar-False"] == 3
+
+
+@pytest.mark.parametrize("name", ["remdm-cap", "dsl-sde"])
+def test_torch_compile_knob_samples_what_the_eager_model_samples(name):
+    """`torch_compile=True` runs the forward through inductor (full logits, static shapes) and draws the same tokens
+    as the eager model under the same seed."""
+    model = tiny_dsl_model(endpoint_inputs="table")
+    torch._dynamo.reset()
+    runs = [
+        get_sampler(name, num_steps=6, torch_compile=compiled).run(
+            model, batch_size=2, seq_len=12, generator=torch.Generator().manual_seed(3), progress_bar=False
+        )
+        for compiled in (False, True)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences) and runs[0].nfe == runs[1].nfe
