@@ -204,6 +204,11 @@ class NoiseSource:
     With one generator per row, each row draws only for its own selected positions, in position order, so its
     numbers never depend on the other rows or on left padding. With a single generator (or `None`, torch's default
     generator) the whole batch draws at once.
+
+    Draws are made on the model's device: a generator of another device (a CPU generator for a GPU run) seeds, once,
+    a generator on the model's device, so that the `[N, V]` float64 uniforms of the categorical draws are never
+    made on the CPU and copied over. Deterministic given the user's generators, but a different stream from drawing
+    on the CPU.
     """
 
     def __init__(self, generator, batch_size: int, device: torch.device):
@@ -216,18 +221,23 @@ class NoiseSource:
                 )
             if not all(isinstance(g, torch.Generator) for g in generator):
                 raise TypeError("every element of `generator` must be a torch.Generator.")
-            self.row_generators, self.generator = list(generator), None
+            self.row_generators, self.generator = [self._on_device(g) for g in generator], None
         elif generator is None or isinstance(generator, torch.Generator):
-            self.row_generators, self.generator = None, generator
+            self.row_generators, self.generator = None, self._on_device(generator)
         else:
             raise TypeError(
                 f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}."
             )
 
+    def _on_device(self, generator: torch.Generator | None) -> torch.Generator | None:
+        if generator is None or torch.device(generator.device).type == torch.device(self.device).type:
+            return generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return torch.Generator(self.device).manual_seed(seed)
+
     def _draw(self, kind: str, shape: tuple, generator, dtype) -> torch.Tensor:
         draw = torch.rand if kind == "uniform" else torch.randn
-        device = generator.device if generator is not None else self.device
-        return draw(shape, generator=generator, dtype=dtype, device=device).to(self.device)
+        return draw(shape, generator=generator, dtype=dtype, device=self.device)
 
     def sample(self, where: torch.Tensor, trailing: tuple = (), kind: str = "uniform", dtype=torch.float64):
         """`[N, *trailing]` draws for the N positions where `where` ([batch, length] bool) is True, row-major."""

@@ -858,3 +858,19 @@ def test_torch_compile_knob_samples_what_the_eager_model_samples(name):
         for compiled in (False, True)
     ]
     assert torch.equal(runs[0].sequences, runs[1].sequences) and runs[0].nfe == runs[1].nfe
+
+
+def test_noise_source_uses_a_generator_of_the_model_device_as_given():
+    where = torch.ones(2, 3, dtype=torch.bool)
+    source = NoiseSource(torch.Generator().manual_seed(0), 2, torch.device("cpu"))
+    assert torch.equal(source.sample(where), torch.rand(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_noise_source_draws_on_the_gpu_from_a_cpu_generator():
+    """A CPU generator seeds one generator on the model's device, deterministically: no [N, V] draw on the CPU."""
+    where = torch.ones(2, 3, dtype=torch.bool, device="cuda")
+    draws = [NoiseSource(torch.Generator().manual_seed(0), 2, torch.device("cuda")).sample(where, (5,)) for _ in range(2)]
+    assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
+    rows = NoiseSource([torch.Generator().manual_seed(s) for s in (1, 2)], 2, torch.device("cuda"))
+    assert [g.device.type for g in rows.row_generators] == ["cuda", "cuda"]
