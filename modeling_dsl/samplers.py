@@ -453,6 +453,11 @@ class StepRecorder:
         self.trajectory = [] if keep_trajectory else None
         self.streamer = streamer if streamer is not None and hasattr(streamer, "put_draft") else None
 
+    @property
+    def reads_drafts(self) -> bool:
+        """Whether anything looks at the per-step drafts (a sampler may skip reading a draft nobody sees)."""
+        return self.trajectory is not None or self.streamer is not None or self.callback is not None
+
     def __call__(self, step_index: int, state) -> None:
         draft = state.tokens.detach().cpu().clone() if self.trajectory is not None or self.streamer else None
         if self.trajectory is not None:
@@ -1278,15 +1283,18 @@ class DSLSDESampler(DiffusionSampler):
     def integrate(self, model, state, denoiser, recorder, progress) -> tuple[ContinuousState, torch.Tensor]:
         """Run the Euler steps over the state's grid; returns the final state (its draft read at z_K) and the
         logits at z_K. One network call per grid point, and one softmax per call: it gives both the next step's
-        drift x_hat = softmax(logits) E and the draft."""
+        drift x_hat = softmax(logits) E and the draft, which is read after the last step and, only when a
+        trajectory, streamer or callback looks at it, after every step."""
         directions = denoiser.token_directions()
         logits = denoiser.from_states(state.z)
         probs = logits.float().softmax(dim=-1)
-        for k in range(state.grid.shape[-1] - 1):
+        num_steps = state.grid.shape[-1] - 1
+        for k in range(num_steps):
             state = self.step(state, probs @ directions)
             logits = denoiser.from_states(state.z)
             probs = logits.float().softmax(dim=-1)
-            state = self.read_draft(state, probs)
+            if recorder.reads_drafts or k == num_steps - 1:
+                state = self.read_draft(state, probs)
             recorder(k, state)
             progress.update(1)
         return state, logits
