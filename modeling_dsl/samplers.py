@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 from transformers.utils import ModelOutput, logging
 from transformers.utils.logging import tqdm  # honours transformers.utils.logging.disable_progress_bar()
 
@@ -130,24 +130,67 @@ def snr_grid(
     raise ValueError(f"snr_schedule={schedule!r} is not supported; accepted: {SNR_SCHEDULES}.")
 
 
+# The nucleus is looked for among the top 256, then the top 4,096 tokens of a row, and only then in the whole sorted
+# vocabulary: a trained LM's nucleus is usually small, and a partial top-k costs a fraction of a |V|-wide sort.
+NUCLEUS_CANDIDATES = (256, 4096)
+
+
+def nucleus_kept(probs: torch.Tensor, top_p: float, rule: str = "transformers") -> torch.BoolTensor:
+    """The tokens a nucleus keeps, `[..., V]` bool (`probs`: rows summing to 1). "transformers": the smallest set of
+    most probable tokens whose mass is >= `top_p` (a token is kept when the mass ranked above it is < `top_p`, as
+    transformers' `TopPLogitsWarper`); "mdlm": the tokens whose cumulative mass, their own included, is <= `top_p`
+    (the MDLM / ReMDM code). The top-1 is always kept.
+
+    Exact without sorting the vocabulary when the top k candidates already hold `top_p` of the mass: no token
+    outside them can then be kept (the mass ranked above it is >= `top_p`). A row goes straight to the full sort
+    when even the next tier cannot hold `top_p` (its mass is at most the current mass plus the new candidates, each
+    no more probable than the last one)."""
+    if top_p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    flat = probs.reshape(-1, probs.shape[-1])
+    vocab_size = flat.shape[-1]
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+
+    def keep(rows, top, index):
+        cumulative = top.cumsum(dim=-1)
+        keep = (cumulative - top < top_p) if rule == "transformers" else (cumulative <= top_p)
+        keep[:, 0] = True
+        kept[rows] = kept[rows].scatter_(-1, index, keep)
+
+    pending = torch.arange(flat.shape[0], device=flat.device)
+    to_sort = []
+    tiers = [k for k in NUCLEUS_CANDIDATES if k < vocab_size]
+    for k, next_k in zip(tiers, tiers[1:] + [vocab_size]):
+        if not pending.numel():
+            break
+        top, index = flat[pending].topk(k, dim=-1)
+        mass = top.sum(dim=-1)
+        found = mass >= top_p
+        keep(pending[found], top[found], index[found])
+        hopeless = ~found & (mass + (next_k - k) * top[:, -1] < top_p)
+        to_sort.append(pending[hopeless])
+        pending = pending[~found & ~hopeless]
+    rows = torch.cat([*to_sort, pending])
+    if rows.numel():
+        keep(rows, *flat[rows].sort(dim=-1, descending=True))
+    return kept.reshape(probs.shape)
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering with the rule of the MDLM / ReMDM code: keep the tokens whose cumulative probability (in
     decreasing order) is <= `top_p`, always keep the top-1, renormalize. `probs`: `[..., V]`, rows summing to 1."""
     if top_p >= 1.0:
         return probs
-    sorted_probs, sorted_indices = probs.sort(dim=-1, descending=True)
-    keep = sorted_probs.cumsum(dim=-1) <= top_p
-    keep[..., 0] = True
-    sorted_probs = sorted_probs * keep
-    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(-1, sorted_indices, sorted_probs)
+    filtered = probs * nucleus_kept(probs, top_p, "mdlm")
+    return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
-class MDLMTopPLogitsWarper(LogitsProcessor):
-    """The published MDLM / ReMDM nucleus rule as a transformers logits warper: keep the tokens whose cumulative
-    probability is <= `top_p` (the top-1 always kept). transformers' `TopPLogitsWarper` keeps the smallest set whose
-    mass is >= `top_p` instead, i.e. one token more at the boundary. Usable in any `generate` (the demo's
-    autoregressive reference uses it, so that every arm samples with the same rule)."""
+class NucleusLogitsWarper(LogitsProcessor):
+    """Top-p filtering as a transformers logits warper, with either rule of [`nucleus_kept`]: "transformers" keeps
+    what transformers' `TopPLogitsWarper` keeps (found without sorting the vocabulary when the nucleus is small),
+    "mdlm" the published MDLM / ReMDM rule."""
+
+    rule = "transformers"
 
     def __init__(self, top_p: float, filter_value: float = -math.inf):
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
@@ -156,8 +199,17 @@ class MDLMTopPLogitsWarper(LogitsProcessor):
         self.filter_value = filter_value
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.Tensor) -> torch.Tensor:
-        kept = top_p_filter(torch.softmax(scores.double(), dim=-1), self.top_p) > 0
+        kept = nucleus_kept(torch.softmax(scores.double(), dim=-1), self.top_p, self.rule)
         return scores.masked_fill(~kept, self.filter_value)
+
+
+class MDLMTopPLogitsWarper(NucleusLogitsWarper):
+    """The published MDLM / ReMDM nucleus rule as a transformers logits warper: keep the tokens whose cumulative
+    probability is <= `top_p` (the top-1 always kept). transformers' `TopPLogitsWarper` keeps the smallest set whose
+    mass is >= `top_p` instead, i.e. one token more at the boundary. Usable in any `generate` (the demo's
+    autoregressive reference uses it, so that every arm samples with the same rule)."""
+
+    rule = "mdlm"
 
 
 def sampling_log_probs(
@@ -183,7 +235,7 @@ def sampling_log_probs(
     if top_k:
         warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p) if nucleus_rule == "transformers" else MDLMTopPLogitsWarper(top_p))
+        warpers.append(NucleusLogitsWarper(top_p) if nucleus_rule == "transformers" else MDLMTopPLogitsWarper(top_p))
     return torch.log_softmax(warpers(context_ids, scores), dim=-1)
 
 
@@ -1521,6 +1573,8 @@ __all__ = [
     "time_grid",
     "snr_grid",
     "top_p_filter",
+    "nucleus_kept",
+    "NucleusLogitsWarper",
     "MDLMTopPLogitsWarper",
     "TokenDraw",
     "NUCLEUS_RULES",

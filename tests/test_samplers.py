@@ -38,6 +38,7 @@ from dsl_diffusion.pipelines.samplers import (
     SamplingConfig,
     gumbel_argmax,
     get_sampler,
+    nucleus_kept,
     sampling_log_probs,
     snr_grid,
     time_grid,
@@ -240,6 +241,34 @@ def test_the_two_nucleus_rules_differ_by_the_boundary_token():
     assert (sampling_log_probs(probs.log(), top_p=0.6, nucleus_rule="mdlm").exp() > 0).sum() == 1
     warped = MDLMTopPLogitsWarper(0.6)(None, probs.log())
     assert torch.isinf(warped).sum() == 3 and warped[0, 1] == math.log(0.5)
+
+
+@pytest.mark.parametrize("rule", ["transformers", "mdlm"])
+def test_nucleus_through_top_candidates_keeps_what_the_full_sort_keeps(rule):
+    """On a 50,257-token vocabulary with rows whose nucleus lies within the top 256, within the top 4,096 and only
+    in the whole vocabulary, `nucleus_kept` keeps exactly the full-sort set: transformers' own `TopPLogitsWarper`
+    for "transformers", the sorted cumulative-mass rule for "mdlm"."""
+    from transformers import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([8.0, 8.0, 3.0, 3.0, 0.3, 0.3])[:, None]  # peaked, medium, nearly flat rows
+    logits = torch.randn(6, 50_257, generator=generator, dtype=torch.float64) * scales
+    probs = logits.softmax(dim=-1)
+    for top_p in (0.5, 0.9, 0.99):
+        if rule == "transformers":
+            expected = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+        else:
+            expected = top_p_filter_by_full_sort(probs, top_p) > 0
+        assert torch.equal(nucleus_kept(probs, top_p, rule), expected), top_p
+    counts = nucleus_kept(probs, 0.9, rule).sum(dim=-1)
+    assert counts[0] <= 256 < counts[2] <= 4096 < counts[4]  # every tier of the search was exercised
+
+
+def top_p_filter_by_full_sort(probs, top_p):
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) <= top_p
+    keep[..., 0] = True
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
 
 
 def test_gumbel_argmax_draws_the_categorical_and_never_a_zero_probability_class():
