@@ -367,7 +367,8 @@ def profile_sampler(model, shape: str, steps: int, device, path: str) -> dict:
               f"{SHAPES[shape]['batch']}, L = {SHAPES[shape]['length']}, NFE {output.nfe}, {device}, "
               f"{torch.get_num_threads()} threads.\nWall time {wall_s:.2f} s (under the profiler), of which "
               f"{forward_s:.2f} s inside the {output.nfe} network calls ('{FORWARD_LABEL}', CPU total) and "
-              f"{wall_s - forward_s:.2f} s in the sampler's own work.\nTop 25 ops by self CPU time:\n\n")
+              f"{wall_s - forward_s:.2f} s in the sampler's own work.\nTop 25 ops by self CPU time ('{FORWARD_LABEL}' "
+              f"self = the Python time of the forwards between their ops):\n\n")
     with open(path, "w") as f:
         f.write(header + table + "\n")
     top = sorted(averages, key=lambda event: event.self_cpu_time_total, reverse=True)[:10]
