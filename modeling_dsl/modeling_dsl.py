@@ -14,6 +14,7 @@ This file knows nothing of training objectives or samplers: `generate` comes fro
 `generation_dsl.DSLGenerationMixin`, which routes to `samplers.py` (see that file for why both sit here).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -338,6 +339,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
         # Shape [1], not a 0-dim scalar: DeepSpeed flattens parameters through byte views, which 0-dim tensors lack.
         self.converter_beta = nn.Parameter(torch.empty(1))
         self.converter_bias = nn.Parameter(torch.empty(config.num_input_slots))
+        self._endpoint_rows = None  # the converter's inputs per endpoint SNR, inside `endpoint_cache()` only
         self.post_init()
 
     @classmethod
@@ -517,7 +519,8 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.forward got unexpected arguments {unknown}; accepted: input_ids, noisy_states, "
-                "attention_mask, timesteps, endpoint_snr, labels, output_hidden_states, return_dict (check the spelling)."
+                "attention_mask, timesteps, endpoint_snr, labels, logits_to_keep, output_hidden_states, return_dict "
+                "(check the spelling)."
             )
         if extra_kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True is not supported: the attention kernels do not return weights.")
@@ -614,16 +617,50 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
         mode = self.config.endpoint_inputs
         if mode == "table":
             return self.backbone.vocab_embed(input_ids)
-        is_mask = input_ids == self.config.mask_token_id
-        directions = self.token_directions()
+        snr = self._endpoint_snr(endpoint_snr)
         if mode == "converter_at_mask":
-            mask_input = self.convert_noisy_states(directions.new_zeros(1, directions.shape[-1]))[0]
+            mask_id = torch.full((1,), self.config.mask_token_id, device=input_ids.device)
+            mask_input = self._converter_endpoint_rows(mask_id, snr)[0]
+            is_mask = input_ids == self.config.mask_token_id
             return torch.where(is_mask[..., None], mask_input, self.backbone.vocab_embed(input_ids))
         ids, inverse = torch.unique(input_ids, return_inverse=True)
+        return self._converter_endpoint_rows(ids, snr)[inverse]
+
+    def _converter_endpoint_rows(self, ids: torch.LongTensor, snr: float) -> torch.Tensor:
+        """The converter at z = snr e_x for each distinct id x (z = 0 for `[MASK]`), `[len(ids), hidden]`; inside
+        `endpoint_cache()` (and without autograd) each (id, snr) is computed once."""
+        cache = self._endpoint_rows if not torch.is_grad_enabled() else None
+        if cache is None:
+            return self._convert_endpoints(ids, snr)
+        slots, rows = cache.get(snr, (None, None))
+        if slots is None:  # slots[x] = row of id x in `rows`, -1 until computed
+            slots = torch.full((self.config.num_input_slots,), -1, dtype=torch.long, device=ids.device)
+            rows = self.backbone.vocab_embed.embedding.new_empty(0, self.config.hidden_size)
+        new_ids = ids[slots[ids] < 0]
+        if new_ids.numel():
+            slots[new_ids] = torch.arange(rows.shape[0], rows.shape[0] + new_ids.shape[0], device=ids.device)
+            rows = torch.cat([rows, self._convert_endpoints(new_ids, snr)])
+            cache[snr] = (slots, rows)
+        return rows[slots[ids]]
+
+    def _convert_endpoints(self, ids: torch.LongTensor, snr: float) -> torch.Tensor:
+        directions = self.token_directions()
         is_token = ids != self.config.mask_token_id
-        scale = is_token.to(directions.dtype) * self._endpoint_snr(endpoint_snr)  # [MASK] -> z = 0
-        states = directions[ids.masked_fill(~is_token, 0)] * scale[:, None]
-        return self.convert_noisy_states(states)[inverse]
+        scale = is_token.to(directions.dtype) * snr  # [MASK] -> z = 0
+        return self.convert_noisy_states(directions[ids.masked_fill(~is_token, 0)] * scale[:, None])
+
+    @contextlib.contextmanager
+    def endpoint_cache(self):
+        """Inference only: inside this context, `forward(input_ids=...)` on a converter-endpoint model computes the
+        converter's input for each distinct (token, endpoint SNR) once and reuses it. A sampler holds the cache for
+        a whole run, so each step pays only for the tokens it decoded new (the converter costs a V-wide softmax and
+        a `[V, hidden]` product per distinct token). The weights must not change inside it; with autograd on it is
+        bypassed. Dropped on exit."""
+        outer, self._endpoint_rows = self._endpoint_rows, {}
+        try:
+            yield self
+        finally:
+            self._endpoint_rows = outer
 
     # --- the denoiser ------------------------------------------------------------------------------------------
 
@@ -652,6 +689,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
         timesteps: torch.Tensor | None = None,
         endpoint_snr: float | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -668,6 +706,11 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
                 cross-entropy at the `[MASK]` positions of `input_ids` (the endpoint loss; unmasked positions are
                 given, so they carry no loss), or at every labelled position of `noisy_states`. The training
                 objectives with their SNR draws live in `dsl_diffusion.trainer`.
+            logits_to_keep: where the output head runs (it is about a quarter of MDLM-small's FLOPs, and a sampler
+                needs logits only where a token may be drawn). As in transformers: `0` keeps every position, an int
+                `k > 0` the last `k`, a 1-D tensor of positions those positions of every row (logits
+                `[batch, kept, V]`). Also a `[batch, length]` bool tensor: logits only where it is True, packed
+                row-major as `[N, V]` (the order of `logits[mask]` in the full output). Not combinable with `labels`.
         """
         if (input_ids is None) == (noisy_states is None):
             raise ValueError("pass exactly one of `input_ids` (discrete endpoints) or `noisy_states` (continuous z).")
@@ -705,6 +748,7 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
             hidden = block(hidden, conditioning, rotary, key_mask)
         if output_hidden_states:
             all_hidden_states += (hidden,)
+        hidden, conditioning = self._kept_positions(hidden, conditioning, logits_to_keep, labels)
         logits = self.backbone.output_layer(hidden, conditioning).float()
 
         loss = None
@@ -714,6 +758,38 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
             output = (logits, all_hidden_states) if output_hidden_states else (logits,)
             return (loss, *output) if loss is not None else output
         return DSLMaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=all_hidden_states)
+
+    @staticmethod
+    def _kept_positions(hidden, conditioning, logits_to_keep, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states and their adaLN conditioning at the positions `logits_to_keep` selects."""
+        if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep == 0:
+            return hidden, conditioning
+        if labels is not None:
+            raise ValueError("logits_to_keep selects a subset of the logits, labels need all of them: pass only one.")
+        batch_size, length = hidden.shape[:2]
+        per_position = conditioning.shape[1] > 1  # SNR-norm conditioning differs per token; else one vector per row
+        if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
+            if not 0 < logits_to_keep <= length:
+                raise ValueError(f"logits_to_keep={logits_to_keep} must lie in [0, {length}] (0 keeps every position).")
+            keep = slice(length - logits_to_keep, None)
+            return hidden[:, keep], conditioning[:, keep] if per_position else conditioning
+        if not torch.is_tensor(logits_to_keep):
+            raise TypeError(
+                "logits_to_keep must be an int, a 1-D tensor of positions or a [batch, length] bool tensor, got "
+                f"{type(logits_to_keep).__name__}."
+            )
+        keep = logits_to_keep.to(hidden.device)
+        if keep.dtype == torch.bool and tuple(keep.shape) == (batch_size, length):
+            conditioning = conditioning.expand(batch_size, length, conditioning.shape[-1])
+            return hidden[keep], conditioning[keep]
+        if keep.dim() == 1 and not keep.is_floating_point() and keep.dtype != torch.bool:
+            if keep.numel() and not (0 <= int(keep.min()) and int(keep.max()) < length):
+                raise ValueError(f"logits_to_keep positions must lie in [0, {length - 1}], got {keep.tolist()}.")
+            return hidden[:, keep], conditioning[:, keep] if per_position else conditioning
+        raise ValueError(
+            f"logits_to_keep must be a 1-D integer tensor of positions or a [{batch_size}, {length}] bool tensor, got "
+            f"dtype {keep.dtype} and shape {list(keep.shape)}."
+        )
 
     def _endpoint_loss(self, logits, labels, input_ids, num_items_in_batch=None) -> torch.Tensor:
         vocab_size = self.config.vocab_size

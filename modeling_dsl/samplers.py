@@ -14,7 +14,7 @@ The denoiser contract (the DSL model, MDLM-style models and the test toys all fo
   was trained to see them (the DSL model's `config.endpoint_inputs`); a sampler's `s_hi` reaches it as
   `endpoint_snr=`;
 - `model(noisy_states=[B, L, d], attention_mask=...)` -> `.logits`: the continuous DSL path;
-- `model.posterior_mean(logits)` -> `[B, L, d]` and `model.token_directions()` -> unit-norm `[V, d]`;
+- `model.token_directions()` -> unit-norm `[V, d]` (the SDE's drift is the posterior mean `softmax(logits) @ E`);
 - `model.config.mask_token_id`, `model.config.snr_max`, `model.config.max_position_embeddings`.
 
 Common conventions (METHOD.md section 4): the discrete time grid is `t_k = linspace(1, t_min, T + 1)` with
@@ -31,7 +31,9 @@ single generator (or none) draws the whole batch at once, which is faster and st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -260,6 +262,21 @@ def _max_over_ranks(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
+@dataclass
+class KeptLogits:
+    """Logits computed only where a sampler needs them (`forward(logits_to_keep=kept)`): `values` `[N, V]` at the
+    positions of the `[batch, length]` bool map `kept`, row-major. Indexed like the full `[batch, length, V]` logits:
+    `logits[where]` gives the rows of the positions of `where`, which must lie inside `kept`."""
+
+    values: torch.Tensor
+    kept: torch.BoolTensor
+
+    def __getitem__(self, where: torch.BoolTensor) -> torch.Tensor:
+        if bool((where & ~self.kept).any()):
+            raise RuntimeError("logits were requested at a position whose logits were not computed (not in `kept`).")
+        return self.values[where[self.kept]]
+
+
 class Denoiser:
     """Calls the network, counts real calls (NFE) and keeps the discrete output cache.
 
@@ -270,7 +287,8 @@ class Denoiser:
     A token state always reaches the network as `input_ids`: the model knows whether its weights were trained on
     the converter at the SNR endpoints (DSL) or on table rows (MDLM) and shows the state accordingly. `endpoint_snr`
     (the sampler's `s_hi`, None = the model's default) is passed along; `s_hi` is the SNR at which
-    `tokens_to_states` places fixed tokens on the continuous path.
+    `tokens_to_states` places fixed tokens on the continuous path. `from_tokens(tokens, keep)` returns
+    [`KeptLogits`] at `keep` when the model's forward takes `logits_to_keep`, else the full logits.
     """
 
     def __init__(
@@ -292,12 +310,19 @@ class Denoiser:
         self.s_hi = s_hi
         self.nfe = 0
         self._cached_tokens = None
+        self._cached_keep = None
         self._cached_logits = None
         self._directions = None
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def _forward(self, **model_inputs) -> torch.Tensor:
+    def _forward(self, logits_to_keep: torch.BoolTensor | None = None, **model_inputs) -> torch.Tensor | KeptLogits:
         self.nfe += 1
-        logits = self.model(**model_inputs, attention_mask=self.attention_mask).logits
+        if logits_to_keep is not None and self.keeps_logits:
+            values = self.model(**model_inputs, attention_mask=self.attention_mask, logits_to_keep=logits_to_keep)
+            return KeptLogits(self._without_mask_class(values.logits), logits_to_keep)
+        return self._without_mask_class(self.model(**model_inputs, attention_mask=self.attention_mask).logits)
+
+    def _without_mask_class(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[-1] > self.mask_token_id:
             # MDLM-style heads carry a [MASK] class: it is never a sampling outcome.
             logits = logits.clone()
@@ -316,17 +341,24 @@ class Denoiser:
         states = directions[tokens.masked_fill(~is_token, 0)] * self.s_hi
         return states * is_token[..., None]
 
-    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits for a discrete state (cached)."""
-        reuse = self.use_cache and self._cached_tokens is not None and torch.equal(tokens, self._cached_tokens)
+    def from_tokens(self, tokens: torch.Tensor, keep: torch.BoolTensor | None = None) -> torch.Tensor | KeptLogits:
+        """Logits for a discrete state (cached), at the `[batch, length]` positions `keep` (None = everywhere)."""
+        reuse = (
+            self.use_cache
+            and self._cached_tokens is not None
+            and torch.equal(tokens, self._cached_tokens)
+            and (keep is None) == (self._cached_keep is None)
+            and (keep is None or torch.equal(keep, self._cached_keep))
+        )
         if self.synced_gpus and self.use_cache:
             reuse = all_ranks_agree(reuse, tokens.device)
         if reuse:
             return self._cached_logits
         endpoint_kwargs = {} if self.endpoint_snr is None else {"endpoint_snr": self.endpoint_snr}
-        logits = self._forward(input_ids=tokens, **endpoint_kwargs)
+        logits = self._forward(input_ids=tokens, logits_to_keep=keep, **endpoint_kwargs)
         if self.use_cache:
             self._cached_tokens, self._cached_logits = tokens.clone(), logits
+            self._cached_keep = None if keep is None else keep.clone()
         return logits
 
     def from_states(self, noisy_states: torch.Tensor) -> torch.Tensor:
@@ -465,6 +497,10 @@ class SamplingConfig:
             <= top_p, the top-1 always kept).
         s_hi: the SNR at which the model shows a decoded token (`endpoint_snr`; None = the model's default,
             `model.config.snr_max`). It matters for models whose `config.endpoint_inputs` is "converter".
+        logits_where_needed: ask the model for logits only at the positions whose next state depends on them
+            (`forward(logits_to_keep=...)`: the masked positions, or ROAR's one position per row), which skips the
+            output head elsewhere. The tokens drawn are the same; False computes every position's logits (models
+            whose `forward` has no `logits_to_keep` always do).
     """
 
     top_p: float = 1.0
@@ -473,6 +509,7 @@ class SamplingConfig:
     do_sample: bool = True
     top_k: int = 0
     nucleus_rule: str = "transformers"
+    logits_where_needed: bool = True
 
     def __post_init__(self):
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -480,6 +517,7 @@ class SamplingConfig:
         if self.s_hi is not None:
             _check_range("s_hi", self.s_hi, 0.0, math.inf, low_open=True, high_open=True)
         _check_bool("do_sample", self.do_sample)
+        _check_bool("logits_where_needed", self.logits_where_needed)
         _check_int("top_k", self.top_k, 0)
         _check_choice("nucleus_rule", self.nucleus_rule, NUCLEUS_RULES)
 
@@ -724,6 +762,7 @@ class HybridConfig(SamplingConfig):
             top_k=self.top_k,
             nucleus_rule=self.nucleus_rule,
             s_hi=self.s_hi,
+            logits_where_needed=self.logits_where_needed,
         )
         if self.discrete_strategy == "mdlm":
             return MDLMConfig(**shared)
@@ -819,7 +858,10 @@ class DiffusionSampler:
         noise = NoiseSource(generator, inputs.tokens.shape[0], inputs.tokens.device)
         synced_gpus = default_synced_gpus() if synced_gpus is None else synced_gpus
         recorder = StepRecorder(callback, return_trajectory, streamer)
-        state, nfe = self._sample(model, inputs, noise, recorder, progress_bar, synced_gpus, **run_kwargs)
+        # A decoded token is shown the same converter input at every later step: compute it once per run.
+        endpoint_cache = getattr(model, "endpoint_cache", None)
+        with endpoint_cache() if endpoint_cache is not None else contextlib.nullcontext():
+            state, nfe = self._sample(model, inputs, noise, recorder, progress_bar, synced_gpus, **run_kwargs)
         return SamplerOutput(
             sequences=state.tokens,
             nfe=nfe,
@@ -933,19 +975,26 @@ class MDLMSampler(DiffusionSampler):
         tokens[where], confidences[where] = best_tokens, best_probs
         return dataclasses.replace(state, tokens=tokens, confidences=confidences)
 
+    def logits_needed(self, state: DiscreteState) -> torch.BoolTensor | None:
+        """Where the next step reads the logits: only masked positions draw a token (remasking and every ReMDM
+        sigma, "conf" included, read the stored confidences, never the logits). None = everywhere."""
+        if not self.config.logits_where_needed:
+            return None
+        return state.generatable & (state.tokens == state.mask_token_id)
+
     # -- the loop -----------------------------------------------------------------------------------------------
 
     def denoise(self, state, denoiser: Denoiser, recorder, progress, step_offset: int = 0) -> DiscreteState:
         """Run the T steps from `state` (then the final noise removal, folded into the last step)."""
         num_steps = state.times.shape[-1] - 1
         for k in range(num_steps):
-            state = self.step(state, denoiser.from_tokens(state.tokens))
+            state = self.step(state, denoiser.from_tokens(state.tokens, self.logits_needed(state)))
             if k == num_steps - 1:
                 any_masked = bool((state.generatable & (state.tokens == state.mask_token_id)).any())
                 if denoiser.synced_gpus:
                     any_masked = not all_ranks_agree(not any_masked, state.tokens.device)
                 if any_masked:
-                    state = self.remove_noise(state, denoiser.from_tokens(state.tokens))
+                    state = self.remove_noise(state, denoiser.from_tokens(state.tokens, self.logits_needed(state)))
             recorder(step_offset + k, state)
             progress.update(1)
         return state
@@ -1067,11 +1116,18 @@ class ROARSampler(DiffusionSampler):
             draw=TokenDraw(self.config, logits_processor),
         )
 
-    def step(self, state: ROARState, logits: torch.Tensor) -> ROARState:
+    @staticmethod
+    def positions(state: ROARState) -> torch.BoolTensor:
+        """The `[batch, length]` map of this step's positions: each row's k-th, for the rows that have one."""
         k = state.step_index
-        rows = (state.num_positions > k).nonzero().squeeze(-1)  # rows that still have a position to fill
+        rows = (state.num_positions > k).nonzero().squeeze(-1)
         where = torch.zeros_like(state.generatable)
         where[rows, state.order[rows, k]] = True
+        return where
+
+    def step(self, state: ROARState, logits: torch.Tensor | KeptLogits) -> ROARState:
+        k = state.step_index
+        where = self.positions(state)
         new_tokens, new_probs = state.draw.draw(logits, where, state.tokens, state.noise)
         tokens, confidences = state.tokens.clone(), state.confidences.clone()
         tokens[where], confidences[where] = new_tokens, new_probs
@@ -1090,7 +1146,8 @@ class ROARSampler(DiffusionSampler):
             num_steps = _max_over_ranks(num_steps, state.tokens.device)
         with self._progress(num_steps, progress_bar) as progress:
             for k in range(num_steps):
-                state = self.step(state, denoiser.from_tokens(state.tokens))
+                keep = self.positions(state) if self.config.logits_where_needed else None
+                state = self.step(state, denoiser.from_tokens(state.tokens, keep))
                 recorder(k, state)
                 progress.update(1)
         return state, denoiser.nfe
@@ -1173,7 +1230,8 @@ class DSLSDESampler(DiffusionSampler):
         )
 
     def step(self, state: ContinuousState, posterior_mean: torch.Tensor) -> ContinuousState:
-        """One Euler-Maruyama step of dz = x_hat(z) ds + dW_s from s_k to s_{k+1}."""
+        """One Euler-Maruyama step of dz = x_hat(z) ds + dW_s from s_k to s_{k+1}; `posterior_mean` is x_hat,
+        `[B, L, d]`."""
         k, where = state.step_index, state.generatable
         ds = (state.grid[..., k + 1] - state.grid[..., k])[where].float()[:, None]
         xi = state.noise.sample(where, (state.z.shape[-1],), "normal", state.z.dtype)
@@ -1182,24 +1240,27 @@ class DSLSDESampler(DiffusionSampler):
         return dataclasses.replace(state, z=z, step_index=k + 1)
 
     @staticmethod
-    def read_draft(state: ContinuousState, logits: torch.Tensor) -> ContinuousState:
-        """Set the draft to argmax p(x | z) at the generated positions (and its probability, max - logsumexp, which
-        avoids materializing a float64 softmax over the vocabulary at every step)."""
-        logits = logits[state.generatable].float()
-        best_logits, tokens = logits.max(dim=-1)
-        probs = torch.exp(best_logits - torch.logsumexp(logits, dim=-1)).double()
+    def read_draft(state: ContinuousState, probs: torch.Tensor) -> ContinuousState:
+        """Set the draft to argmax p(x | z) at the generated positions, with its probability (`probs`: the float32
+        softmax of the logits, `[B, L, V]`)."""
+        best_probs, tokens = probs.max(dim=-1)
+        where = state.generatable
         draft, confidences = state.tokens.clone(), state.confidences.clone()
-        draft[state.generatable], confidences[state.generatable] = tokens, probs
+        draft[where], confidences[where] = tokens[where], best_probs[where].double()
         return dataclasses.replace(state, tokens=draft, confidences=confidences)
 
     def integrate(self, model, state, denoiser, recorder, progress) -> tuple[ContinuousState, torch.Tensor]:
         """Run the Euler steps over the state's grid; returns the final state (its draft read at z_K) and the
-        logits at z_K. One network call per grid point."""
+        logits at z_K. One network call per grid point, and one softmax per call: it gives both the next step's
+        drift x_hat = softmax(logits) E and the draft."""
+        directions = denoiser.token_directions()
         logits = denoiser.from_states(state.z)
+        probs = logits.float().softmax(dim=-1)
         for k in range(state.grid.shape[-1] - 1):
-            state = self.step(state, model.posterior_mean(logits))
-            logits = denoiser.from_states(state.z)  # the next step's drift, and the draft after this step
-            state = self.read_draft(state, logits)
+            state = self.step(state, probs @ directions)
+            logits = denoiser.from_states(state.z)
+            probs = logits.float().softmax(dim=-1)
+            state = self.read_draft(state, probs)
             recorder(k, state)
             progress.update(1)
         return state, logits
@@ -1233,10 +1294,10 @@ class EvidenceDenoiser(Denoiser):
         self.evidence_states = evidence_states
         self.evidence_positions = evidence_positions.clone()
 
-    def _forward(self, input_ids=None, noisy_states=None):
+    def _forward(self, input_ids=None, noisy_states=None, logits_to_keep=None):
         if input_ids is not None:
             noisy_states = self.states_with_evidence(input_ids)
-        return super()._forward(noisy_states=noisy_states)
+        return super()._forward(noisy_states=noisy_states, logits_to_keep=logits_to_keep)
 
     def states_with_evidence(self, tokens: torch.Tensor) -> torch.Tensor:
         self.evidence_positions &= tokens == self.mask_token_id

@@ -524,9 +524,6 @@ class ToyDenoiser(torch.nn.Module):
         e = self.directions[input_ids.clamp(max=self.config.vocab_size - 1)]
         return snr * e + math.sqrt(snr) * torch.randn(e.shape, generator=generator)
 
-    def posterior_mean(self, logits):
-        return logits.softmax(dim=-1) @ self.directions
-
     def forward(self, input_ids=None, noisy_states=None, attention_mask=None):
         if self.behaviour == "oracle":
             reference = input_ids if input_ids is not None else noisy_states[..., 0]

@@ -435,3 +435,75 @@ def test_converter_equals_the_plain_formula_with_gradients():
         gradients.append(torch.autograd.grad((converter(states) * weights).sum(), [states, *parameters]))
     for fused, plain in zip(*gradients):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("snr_conditioning", ["none", "norm"])
+@pytest.mark.parametrize("path", ["input_ids", "noisy_states"])
+def test_logits_to_keep_equals_the_full_logits_at_the_kept_positions(snr_conditioning, path):
+    """Every form of `logits_to_keep` returns exactly the full forward's logits at the positions it selects, with
+    per-row (none) and per-token (norm) adaLN conditioning, on both input paths."""
+    model = randomized_model(tiny_config(snr_conditioning=snr_conditioning))
+    torch.manual_seed(1)
+    batch, length = 3, 10
+    if path == "input_ids":
+        ids = torch.randint(0, 40, (batch, length))
+        ids[torch.rand(batch, length) < 0.5] = model.config.mask_token_id
+        inputs = {"input_ids": ids}
+    else:
+        inputs = {"noisy_states": torch.randn(batch, length, model.config.embed_dim) * 3}
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    with torch.no_grad():
+        full = model(**inputs, attention_mask=attention_mask).logits
+        keep = torch.rand(batch, length) < 0.4
+        keep[1] = False  # a row with nothing kept
+        packed = model(**inputs, attention_mask=attention_mask, logits_to_keep=keep).logits
+        positions = torch.tensor([7, 2, 9])
+        indexed = model(**inputs, attention_mask=attention_mask, logits_to_keep=positions).logits
+        last = model(**inputs, attention_mask=attention_mask, logits_to_keep=4).logits
+    assert packed.shape == (int(keep.sum()), 40)
+    torch.testing.assert_close(packed, full[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(indexed, full[:, positions], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, full[:, -4:], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_to_keep_rejects_bad_values():
+    model = randomized_model()
+    ids = torch.full((2, 6), model.config.mask_token_id)
+    with pytest.raises(ValueError, match=r"logits_to_keep=7 must lie in \[0, 6\]"):
+        model(input_ids=ids, logits_to_keep=7)
+    with pytest.raises(ValueError, match=r"\[2, 6\] bool tensor"):
+        model(input_ids=ids, logits_to_keep=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 5\]"):
+        model(input_ids=ids, logits_to_keep=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="labels need all of them"):
+        model(input_ids=ids, labels=torch.zeros(2, 6, dtype=torch.long), logits_to_keep=2)
+
+
+@pytest.mark.parametrize("endpoint_inputs", ["converter", "converter_at_mask"])
+def test_endpoint_cache_gives_the_same_logits_and_converts_each_token_once(endpoint_inputs):
+    """Inside `endpoint_cache()` a run of discrete states (tokens decoded step by step, at two endpoint SNRs) gets the
+    logits of the uncached forward, and the converter runs only on ids it has not seen at that SNR."""
+    model = randomized_model(tiny_config(endpoint_inputs=endpoint_inputs))
+    with torch.no_grad():
+        model.converter_bias[model.config.mask_token_id] = 1.0  # [MASK]'s input is not the table row
+    mask = model.config.mask_token_id
+    torch.manual_seed(2)
+    final = torch.randint(0, 40, (2, 12))
+    states = [torch.where(torch.rand(2, 12) < fraction, final, mask) for fraction in (0.0, 0.3, 0.6, 1.0)]
+    converted, convert = [], model._convert_endpoints
+    model._convert_endpoints = lambda ids, snr: converted.append((snr, ids.tolist())) or convert(ids, snr)
+    with torch.no_grad():
+        uncached = [model(input_ids=ids, endpoint_snr=snr).logits for snr in (50.0, 20.0) for ids in states]
+        converted.clear()
+        with model.endpoint_cache():
+            cached = [model(input_ids=ids, endpoint_snr=snr).logits for snr in (50.0, 20.0) for ids in states]
+        assert model._endpoint_rows is None  # dropped on exit
+    for got, expected in zip(cached, uncached):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    per_snr = {snr: sorted(x for at, ids in converted if at == snr for x in ids) for snr in (50.0, 20.0)}
+    if endpoint_inputs == "converter":
+        seen = sorted({int(x) for ids in states for x in ids.unique()})
+        assert per_snr == {50.0: seen, 20.0: seen}  # each id converted once per SNR
+    else:
+        assert per_snr == {50.0: [mask], 20.0: [mask]}  # only [MASK] goes through the converter, once per SNR

@@ -74,7 +74,7 @@ class ExactPosteriorToy(nn.Module):
             time_conditioning=False,
         )
         self.calls = 0
-        self.drift_scale = 1.0  # != 1 makes posterior_mean deliberately wrong
+        self.drift_scale = 1.0  # != 1 makes the SDE's drift softmax(logits) @ token_directions() deliberately wrong
         self.eval()
 
     @property
@@ -101,10 +101,8 @@ class ExactPosteriorToy(nn.Module):
         return SimpleNamespace(logits=marginals.clamp_min(1e-30).log().float())
 
     def token_directions(self):
-        return self.directions
-
-    def posterior_mean(self, logits):
-        return self.drift_scale * (logits.double().softmax(dim=-1) @ self.directions.double()).float()
+        """The directions the samplers see (the evidence above always uses the true ones)."""
+        return self.drift_scale * self.directions
 
     def noisy_states(self, input_ids, snr, generator=None):
         """The localization channel z = s e_x + sqrt(s) eps."""
@@ -680,6 +678,41 @@ def test_same_seed_same_samples(tiny_dsl, name):
     ]
     assert torch.equal(runs[0].sequences, runs[1].sequences) and runs[0].nfe == runs[1].nfe
     assert not torch.equal(runs[0].sequences, runs[2].sequences)
+
+
+@pytest.mark.parametrize("name", [name for name in ALL_SAMPLERS if name != "dsl-sde"])
+def test_logits_only_where_needed_draw_the_same_samples_as_full_logits(tiny_dsl, name):
+    """`logits_where_needed` (the default) asks the model for logits only at the positions a step draws from and
+    gives the very same samples, confidences and NFE as full logits under the same seeds; the output head then runs
+    on far fewer positions (ROAR: one per row and call)."""
+    mask = tiny_dsl.config.mask_token_id
+    input_ids = torch.full((3, 20), mask)
+    input_ids[:, :4] = torch.tensor([3, 1, 4, 1])  # a prompt: fixed positions never need logits
+    kept_positions, forward = [], tiny_dsl.forward
+
+    def counting_forward(*args, logits_to_keep=0, **kwargs):
+        kept_positions.append(int(logits_to_keep.sum()) if torch.is_tensor(logits_to_keep) else input_ids.numel())
+        return forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+    runs = {}
+    for where_needed in (False, True):
+        kept_positions.clear()
+        sampler = ALL_SAMPLERS[name]()
+        sampler.config.logits_where_needed = where_needed
+        tiny_dsl.forward = counting_forward
+        try:
+            out = sampler.run(
+                tiny_dsl, input_ids, generator=row_generators([5, 6, 7]), return_confidences=True, progress_bar=False
+            )
+        finally:
+            del tiny_dsl.forward
+        runs[where_needed] = (out, sum(kept_positions))
+    (full, full_positions), (kept, kept_total) = runs[False], runs[True]
+    assert torch.equal(kept.sequences, full.sequences) and kept.nfe == full.nfe
+    torch.testing.assert_close(kept.confidences, full.confidences)
+    assert kept_total < full_positions
+    if name == "roar":
+        assert kept_total == 3 * 16  # one position per row and call
 
 
 def test_trajectory_callback_and_confidences(independent):
