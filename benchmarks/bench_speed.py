@@ -412,7 +412,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small-cpu only, T = 8, one sampler round, 2 repeats")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: small-cpu, mdlm-small-cpu")
     parser.add_argument("--steps", type=int, help="sampler steps T (default 32; 8 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed rounds per section (default 3; --quick: 2, samplers 1)")
+    parser.add_argument("--repeats", type=int, help="timed rounds of the forwards and training steps (default 3; 2 quick)")
+    parser.add_argument("--sampler-repeats", type=int,
+                        help="timed runs of each sampler setting (default 2, a few minutes each on 2 cores; 1 quick)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -422,7 +424,7 @@ def main(argv=None) -> dict:
     shapes = args.shapes or (["small-cpu"] if args.quick else ["small-cpu", "mdlm-small-cpu"])
     steps = args.steps or (8 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 3)
-    sampler_repeats = args.repeats or (1 if args.quick else 3)
+    sampler_repeats = args.sampler_repeats or (1 if args.quick else 2)
     profile_path = args.profile_output or os.path.join(os.path.dirname(os.path.abspath(args.output)),
                                                        "sampler_profile.txt")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -28,7 +28,7 @@ def bench_speed():
 def test_bench_speed_reports_every_sampler_and_section(tmp_path, bench_speed):
     output = tmp_path / "speed.json"
     # T = 21: the smallest step count at which ReMDM's loop window (t_off = 0.05) holds a step.
-    bench_speed.main(["--shapes", "tiny", "--steps", "21", "--repeats", "1", "--threads", "1",
+    bench_speed.main(["--shapes", "tiny", "--steps", "21", "--repeats", "1", "--sampler-repeats", "1", "--threads", "1",
                       "--output", str(output)])
     report = json.loads(output.read_text())
 
