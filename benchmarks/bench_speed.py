@@ -1,7 +1,7 @@
 """The speed benchmark: one process, one table, one JSON (default benchmarks/results/speed.json).
 
-    python benchmarks/bench_speed.py --quick     # small-cpu only, few repeats, T = 8 (a few minutes on 2 cores)
-    python benchmarks/bench_speed.py             # small-cpu and mdlm-small-cpu
+    python benchmarks/bench_speed.py --quick     # small-cpu only, T = 8, one run per sampler setting (~3-6 min)
+    python benchmarks/bench_speed.py             # small-cpu (T = 32) and mdlm-small-cpu (~15 min on 2 cores)
     python benchmarks/bench_speed.py --device cuda --dtype bfloat16
 
 What it measures (random weights; every figure keeps its repeats and reports their median):
@@ -19,8 +19,9 @@ What it measures (random weights; every figure keeps its repeats and reports the
    load from other processes hits both alike, with the peak memory of each.
 5. a torch.profiler table of one ReMDM-cap run (benchmarks/results/sampler_profile.txt): where a sampler's time goes.
 
-Each measurement section's rounds are interleaved (the forward, then every sampler, again and again), so that a
-shared CPU's changing load hits numerator and denominator alike. Peak memory: `torch.cuda.max_memory_allocated`
+A shared CPU's load changes within seconds, so every ratio is taken between calls that ran back to back (a sampler
+run and the bare forwards just before and after it; one round of the forwards; an MDLM and a DSL step), round by
+round, and the median of those per-round ratios is reported. Peak memory: `torch.cuda.max_memory_allocated`
 on CUDA; on CPU the process RSS sampled every millisecond by a thread (psutil), over the RSS right before the
 measured call (after glibc's `malloc_trim`, so that memory freed earlier is not counted as still in use).
 """
