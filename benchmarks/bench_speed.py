@@ -1,7 +1,7 @@
 """The speed benchmark: one process, one table, one JSON (default benchmarks/results/speed.json).
 
     python benchmarks/bench_speed.py --quick     # small-cpu only, T = 8, one run per sampler setting (~3-6 min)
-    python benchmarks/bench_speed.py             # small-cpu (T = 32) and mdlm-small-cpu (~15 min on 2 cores)
+    python benchmarks/bench_speed.py             # small-cpu (T = 32) and mdlm-small-cpu (~15-20 min on 2 cores)
     python benchmarks/bench_speed.py --device cuda --dtype bfloat16
 
 What it measures (random weights; every figure keeps its repeats and reports their median):
@@ -415,7 +415,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, help="sampler steps T (default 32; 8 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed rounds of the forwards and training steps (default 3; 2 quick)")
     parser.add_argument("--sampler-repeats", type=int,
-                        help="timed runs of each sampler setting (default 2, a few minutes each on 2 cores; 1 quick)")
+                        help="timed runs of each sampler setting (default 2; 1 quick)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
