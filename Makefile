@@ -23,10 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_forward.py
-	$(PY) benchmarks/bench_converter.py --quick
-	$(PY) benchmarks/bench_samplers.py --quick
-	$(PY) benchmarks/bench_training.py --quick
+	$(PY) benchmarks/bench_speed.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

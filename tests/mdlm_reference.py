@@ -51,26 +51,32 @@ def random_mdlm_state_dict(
     return sd
 
 
-def mdlm_logits(sd: dict[str, torch.Tensor], input_ids: torch.Tensor, n_heads: int, sigma=None) -> torch.Tensor:
-    """MDLM's raw logits (all V + 1 classes, before SUBS) for `input_ids`, without time conditioning by default."""
-    sd = {k: v.double() for k, v in sd.items()}
+def mdlm_logits(
+    sd: dict[str, torch.Tensor], input_ids: torch.Tensor, n_heads: int, sigma=None, dtype=torch.float64
+) -> torch.Tensor:
+    """MDLM's raw logits (all V + 1 classes, before SUBS) for `input_ids`, without time conditioning by default.
+
+    Computed in float64 by default (the tests' exact reference); benchmarks/bench_speed.py times it in the model's
+    dtype, on the device of `input_ids`."""
+    device = input_ids.device
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     batch, length = input_ids.shape
     x = sd["backbone.vocab_embed.embedding"][input_ids]
     hidden = x.shape[-1]
     head_dim = hidden // n_heads
 
     # Conditioning: sinusoid of sigma (cos first), MLP, then SiLU. The released model feeds sigma = 0.
-    sigma = torch.zeros(batch, dtype=torch.float64) if sigma is None else sigma.double()
+    sigma = torch.zeros(batch, dtype=dtype, device=device) if sigma is None else sigma.to(device=device, dtype=dtype)
     half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=dtype, device=device) / half)
     args = sigma[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     c = emb @ sd["backbone.sigma_map.mlp.0.weight"].T + sd["backbone.sigma_map.mlp.0.bias"]
     c = F.silu(c) @ sd["backbone.sigma_map.mlp.2.weight"].T + sd["backbone.sigma_map.mlp.2.bias"]
     c = F.silu(c)
 
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=dtype, device=device), inv_freq)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
 
     def rope(t):  # t: [batch, length, heads, head_dim]

@@ -1,0 +1,471 @@
+"""The speed benchmark: one process, one table, one JSON (default benchmarks/results/speed.json).
+
+    python benchmarks/bench_speed.py --quick     # small-cpu only, T = 8, one run per sampler setting (~3-6 min)
+    python benchmarks/bench_speed.py             # small-cpu (T = 32) and mdlm-small-cpu (~15-20 min on 2 cores)
+    python benchmarks/bench_speed.py --device cuda --dtype bfloat16
+
+What it measures (random weights; every figure keeps its repeats and reports their median):
+
+1. samplers: the wall time of a whole run divided by its NFE, over one bare forward of the same shape (all-[MASK]
+   `input_ids` for the discrete samplers; random noisy states for dsl-sde and the hybrid, whose default
+   `commit_mode="evidence"` shows every state as noisy states). When the sampler configs have the
+   `logits_where_needed` knob, each discrete sampler runs with it on ("after") and off ("before").
+   ROAR fills one position per call, so it runs on T masked positions per row (NFE = T).
+2. the discrete forward against the independent MDLM reference forward (`tests/mdlm_reference.py`) on the same
+   weights, and, when `forward` accepts `logits_to_keep`, the forward with half the positions kept over the full one
+   (what a T = L sampling run averages).
+3. the continuous forward over the discrete forward, with the peak memory of each.
+4. a training step (loss + backward + AdamW step, dropout 0.1) of the DSL and MDLM objectives, interleaved so that
+   load from other processes hits both alike, with the peak memory of each.
+5. a torch.profiler table of one ReMDM-cap run (benchmarks/results/sampler_profile.txt): where a sampler's time goes.
+
+A shared CPU's load changes within seconds, so every ratio is taken between calls that ran back to back (a sampler
+run and the bare forwards just before and after it; one round of the forwards; an MDLM and a DSL step), round by
+round, and the median of those per-round ratios is reported. Peak memory: `torch.cuda.max_memory_allocated`
+on CUDA; on CPU the process RSS sampled every millisecond by a thread (psutil), over the RSS right before the
+measured call (after glibc's `malloc_trim`, so that memory freed earlier is not counted as still in use).
+"""
+
+import argparse
+import ctypes
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from contextlib import nullcontext
+
+import psutil
+import torch
+
+from bench_samplers import SAMPLERS, synchronize
+from bench_training import training_step
+from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
+from dsl_diffusion.pipelines.samplers import get_sampler
+from dsl_diffusion.trainer.corruption import build_snr_path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from mdlm_reference import mdlm_logits, random_mdlm_state_dict  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPES = {
+    # The public MDLM OpenWebText backbone (169.6M parameters) at its training length.
+    "mdlm-small-cpu": dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, cond_dim=128,
+                           embed_dim=64, length=1024, batch=1, samplers=False),
+    # A CPU-sized backbone with the GPT-2 vocabulary: the output head and the converter dominate its cost.
+    "small-cpu": dict(vocab_size=50257, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, cond_dim=64,
+                      embed_dim=64, length=128, batch=4, samplers=True),
+    # The smoke test's shape (seconds).
+    "tiny": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, cond_dim=16,
+                 embed_dim=8, length=32, batch=2, samplers=True),
+}
+TOP_P = 0.9  # the published nucleus mass: the sort over the vocabulary is part of a real sampler's cost
+KNOB = "logits_where_needed"
+PROFILED_SAMPLER = "remdm-cap"
+FORWARD_LABEL = "model.forward"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def median_entry(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "repeats": values}
+
+
+# --- peak memory -------------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of the enclosed code over what was in use right before it, in MiB (`self.mib`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            return self
+        try:  # return freed heap pages to the OS, or the baseline would count them as in use
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.process = psutil.Process()
+        self.baseline = self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.001):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.baseline) / 2**20
+        else:
+            self.done.set()
+            self.thread.join()
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.mib = (self.peak - self.baseline) / 2**20
+        return False
+
+
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated minus memory_allocated right before the call",
+    "cpu": "process RSS sampled every 1 ms by a psutil thread, minus the RSS right before the call (after malloc_trim)",
+}
+
+
+# --- models and timing -------------------------------------------------------------------------------------------
+
+
+def model_config(shape: str, dropout: float) -> DSLConfig:
+    spec = SHAPES[shape]
+    sizes = {key: spec[key] for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                        "cond_dim", "embed_dim")}
+    return DSLConfig(max_position_embeddings=spec["length"], dropout=dropout, **sizes)
+
+
+def build_model(shape: str, device, dtype) -> DSLForMaskedDiffusion:
+    torch.manual_seed(0)
+    return DSLForMaskedDiffusion(model_config(shape, dropout=0.0)).to(device=device, dtype=dtype).eval()
+
+
+def forward_inputs(model, shape: str, path: str, device) -> dict:
+    """All-[MASK] input_ids (a sampler's first call) or random noisy states at a mid SNR."""
+    spec = SHAPES[shape]
+    generator = torch.Generator().manual_seed(0)
+    if path == "discrete":
+        return {"input_ids": torch.full((spec["batch"], spec["length"]), model.config.mask_token_id, device=device)}
+    ids = torch.randint(0, spec["vocab_size"], (spec["batch"], spec["length"]), generator=generator).to(device)
+    return {"noisy_states": model.noisy_states(ids, 10.0).to(model.dtype)}
+
+
+def timed(function, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+# --- 1. samplers -------------------------------------------------------------------------------------------------
+
+
+def sampler_variants(steps: int) -> list[dict]:
+    """Every sampler of bench_samplers.SAMPLERS, with and without `logits_where_needed` where its config has it."""
+    variants = []
+    for name, (sampler_name, knobs) in SAMPLERS.items():
+        knobs = dict(knobs)
+        if sampler_name != "roar":  # ROAR's step count is its number of masked positions (see `run_sampler`)
+            knobs["num_steps"] = steps
+        if sampler_name != "dsl-sde":
+            knobs["top_p"] = TOP_P
+        fields = {field.name for field in dataclasses.fields(get_sampler(sampler_name, **knobs).config)}
+        path = "continuous" if sampler_name in ("dsl-sde", "hybrid") else "discrete"
+        settings = {"after": True, "before": False} if KNOB in fields else {"default": None}
+        for setting, value in settings.items():
+            variant_knobs = knobs if value is None else {**knobs, KNOB: value}
+            variants.append({"name": name, "setting": setting, "sampler": sampler_name, "knobs": variant_knobs,
+                             "forward": path})
+    return variants
+
+
+def run_sampler(model, variant: dict, shape: str, steps: int, device):
+    spec = SHAPES[shape]
+    sampler = get_sampler(variant["sampler"], **variant["knobs"])
+    generator = torch.Generator(device=device).manual_seed(0)
+    if variant["sampler"] == "roar":
+        input_ids = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["length"]),
+                                  generator=torch.Generator().manual_seed(0)).to(device)
+        input_ids[:, :steps] = model.config.mask_token_id
+        inputs = {"input_ids": input_ids}
+    else:
+        inputs = {"batch_size": spec["batch"], "seq_len": spec["length"]}
+    return sampler.run(model, generator=generator, progress_bar=False, **inputs)
+
+
+def bench_samplers(model, shape: str, steps: int, repeats: int, device) -> dict:
+    """Each sampler run sits between two bare forwards of its path, and its figure is its time per NFE over their
+    mean: on a shared CPU the load changes within seconds, so a baseline timed minutes apart would not be its own."""
+    variants = sampler_variants(steps)
+    inputs = {path: forward_inputs(model, shape, path, device) for path in ("discrete", "continuous")}
+    runs = {(v["name"], v["setting"]): {"s_per_nfe": [], "forward_s": [], "ratio": []} for v in variants}
+    nfe = {}
+    with torch.inference_mode():
+        for path in inputs:  # warm-up
+            model(**inputs[path])
+        get_sampler("mdlm", num_steps=2, top_p=TOP_P).run(model, batch_size=1, seq_len=8, progress_bar=False)
+        for round_index in range(repeats):
+            for variant in variants:
+                key, output = (variant["name"], variant["setting"]), None
+
+                def run():
+                    nonlocal output
+                    output = run_sampler(model, variant, shape, steps, device)
+
+                def bare_forward():
+                    return timed(lambda: model(**inputs[variant["forward"]]), device)
+
+                forward_before = bare_forward()
+                wall = timed(run, device)
+                forward_s = (forward_before + bare_forward()) / 2
+                nfe[key] = output.nfe
+                runs[key]["s_per_nfe"].append(wall / output.nfe)
+                runs[key]["forward_s"].append(forward_s)
+                runs[key]["ratio"].append(wall / output.nfe / forward_s)
+                log(f"  {shape} round {round_index + 1}/{repeats} {variant['name']:<10} {variant['setting']:<7} "
+                    f"NFE {output.nfe:3d}  {wall / output.nfe * 1e3:8.1f} ms/NFE, {forward_s * 1e3:6.1f} ms/forward")
+    result = {"steps": steps, "top_p": TOP_P, "samplers": {}}
+    for variant in variants:
+        key = (variant["name"], variant["setting"])
+        entry = result["samplers"].setdefault(variant["name"], {"forward": variant["forward"]})
+        entry[variant["setting"]] = {
+            "knobs": variant["knobs"], "nfe": nfe[key], "s_per_nfe": median_entry(runs[key]["s_per_nfe"]),
+            "adjacent_forward_s": median_entry(runs[key]["forward_s"]),
+            "per_nfe_over_forward": median_entry(runs[key]["ratio"]),
+        }
+    for name, entry in result["samplers"].items():
+        if "after" in entry:  # the two settings ran back to back in each round: compare them round by round
+            pairs = zip(runs[(name, "before")]["ratio"], runs[(name, "after")]["ratio"])
+            entry["before_over_after"] = median_entry([before / after for before, after in pairs])
+    return result
+
+
+# --- 2 and 3. forwards -------------------------------------------------------------------------------------------
+
+
+def bench_forwards(shape: str, repeats: int, device, dtype) -> dict:
+    """Discrete vs continuous vs the MDLM reference (same weights) vs half the logits kept, interleaved."""
+    spec = SHAPES[shape]
+    state_dict = random_mdlm_state_dict(vocab_with_mask=spec["vocab_size"] + 1, hidden=spec["hidden_size"],
+                                        blocks=spec["num_hidden_layers"], cond=spec["cond_dim"], scale=0.02)
+    model = DSLForMaskedDiffusion.from_mdlm(state_dict, num_attention_heads=spec["num_attention_heads"],
+                                            embed_dim=spec["embed_dim"], max_position_embeddings=spec["length"],
+                                            dropout=0.0)
+    model = model.to(device=device, dtype=dtype).eval()
+    state_dict = {key: value.to(device=device, dtype=dtype) for key, value in state_dict.items()}
+    ids = torch.randint(0, spec["vocab_size"] + 1, (spec["batch"], spec["length"]),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    noisy_states = forward_inputs(model, shape, "continuous", device)["noisy_states"]
+    calls = {
+        "discrete": lambda: model(input_ids=ids),
+        "continuous": lambda: model(noisy_states=noisy_states),
+        "mdlm_reference": lambda: mdlm_logits(state_dict, ids, n_heads=spec["num_attention_heads"], dtype=dtype),
+    }
+    if accepts_logits_to_keep(model):
+        # Half of each row's positions, at random: a T = L sampling run keeps (L + 1) / 2 of them on average.
+        half = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)).argsort(-1) < spec["length"] // 2
+        calls["discrete_half_kept"] = lambda: model(input_ids=ids, logits_to_keep=half.to(device))
+    seconds = {name: [] for name in calls}
+    peak_mib = {}
+    with torch.inference_mode():
+        for name, call in calls.items():  # warm-up, then the peak memory of one call
+            call()
+            with PeakMemory(device) as memory:
+                call()
+            peak_mib[name] = memory.mib
+        for _ in range(repeats):
+            for name, call in calls.items():
+                seconds[name].append(timed(call, device))
+    figures = {name: {"s": median_entry(values), "peak_mib_over_start": peak_mib[name]} for name, values in seconds.items()}
+
+    def ratio(numerator, denominator):  # round by round: the calls of one round ran back to back
+        return median_entry([a / b for a, b in zip(seconds[numerator], seconds[denominator])])
+
+    ratios = {
+        "ours_over_mdlm_reference": ratio("discrete", "mdlm_reference"),
+        "continuous_over_discrete": ratio("continuous", "discrete"),
+    }
+    if "discrete_half_kept" in seconds:
+        ratios["half_kept_over_full"] = ratio("discrete_half_kept", "discrete")
+    log(f"  {shape} forwards: " + ", ".join(f"{name} {entry['s']['median'] * 1e3:.0f} ms" for name, entry in figures.items()))
+    return {"parameters_m": model.num_parameters() / 1e6, "forwards": figures, "ratios": ratios}
+
+
+# --- 4. training step --------------------------------------------------------------------------------------------
+
+
+def bench_training(shape: str, repeats: int, device, dtype) -> dict:
+    """DSL and MDLM steps interleaved on one model (fp32 weights; bf16 runs under autocast, as the trainer does)."""
+    spec = SHAPES[shape]
+    torch.manual_seed(0)
+    model = DSLForMaskedDiffusion(model_config(shape, dropout=0.1)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    input_ids = torch.randint(0, spec["vocab_size"], (spec["batch"], spec["length"]),
+                              generator=torch.Generator().manual_seed(0)).to(device)
+    snr_path = build_snr_path("mixture")
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    objectives = ("mdlm", "dsl")
+
+    def step(objective):
+        with autocast:
+            training_step(objective, model, optimizer, input_ids, snr_path)
+
+    seconds = {objective: [] for objective in objectives}
+    peak_mib = {}
+    for objective in objectives:  # warm-up (also allocates the AdamW state)
+        step(objective)
+    for _ in range(repeats):
+        for objective in objectives:
+            seconds[objective].append(timed(lambda: step(objective), device))
+    for objective in objectives:  # the memory of one more step, untimed (the sampling thread takes CPU)
+        with PeakMemory(device) as memory:
+            step(objective)
+        peak_mib[objective] = memory.mib
+    figures = {objective: {"s_per_step": median_entry(seconds[objective]), "peak_mib_over_start": peak_mib[objective],
+                           "tokens_per_s": input_ids.numel() / statistics.median(seconds[objective])}
+               for objective in objectives}
+    figures["dsl_over_mdlm"] = median_entry([dsl / mdlm for dsl, mdlm in zip(seconds["dsl"], seconds["mdlm"])])
+    figures["dsl_over_mdlm_peak_memory"] = peak_mib["dsl"] / peak_mib["mdlm"]
+    log(f"  {shape} training: MDLM {statistics.median(seconds['mdlm']):.2f} s, DSL {statistics.median(seconds['dsl']):.2f} s"
+        f" per step; peak +{peak_mib['mdlm']:.0f} / +{peak_mib['dsl']:.0f} MiB")
+    return figures
+
+
+# --- 5. profile --------------------------------------------------------------------------------------------------
+
+
+def profile_sampler(model, shape: str, steps: int, device, path: str) -> dict:
+    variant = next(v for v in sampler_variants(steps) if v["name"] == PROFILED_SAMPLER and v["setting"] != "before")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    # Label the network calls, so that the table splits the run into the forward passes and the sampler's own work.
+    forward = model.forward
+
+    def labelled_forward(*args, **kwargs):
+        with torch.profiler.record_function(FORWARD_LABEL):
+            return forward(*args, **kwargs)
+
+    model.forward = labelled_forward
+    try:
+        with torch.inference_mode(), torch.profiler.profile(activities=activities) as profiler:
+            start = time.perf_counter()
+            output = run_sampler(model, variant, shape, steps, device)
+            synchronize(device)
+            wall_s = time.perf_counter() - start
+    finally:
+        del model.forward  # back to the class's method
+    averages = profiler.key_averages()
+    forward_s = next(event.cpu_time_total for event in averages if event.key == FORWARD_LABEL) / 1e6
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+    header = (f"torch.profiler: one {PROFILED_SAMPLER} run ({variant['knobs']}) at {shape}, batch "
+              f"{SHAPES[shape]['batch']}, L = {SHAPES[shape]['length']}, NFE {output.nfe}, {device}, "
+              f"{torch.get_num_threads()} threads.\nWall time {wall_s:.2f} s (under the profiler), of which "
+              f"{forward_s:.2f} s inside the {output.nfe} network calls ('{FORWARD_LABEL}', CPU total) and "
+              f"{wall_s - forward_s:.2f} s in the sampler's own work.\nTop 25 ops by self CPU time ('{FORWARD_LABEL}' "
+              f"self = the Python time of the forwards between their ops):\n\n")
+    with open(path, "w") as f:
+        f.write(header + table + "\n")
+    top = sorted(averages, key=lambda event: event.self_cpu_time_total, reverse=True)[:10]
+    total_us = sum(event.self_cpu_time_total for event in averages)
+    return {"sampler": PROFILED_SAMPLER, "shape": shape, "knobs": variant["knobs"], "nfe": output.nfe, "file": path,
+            "wall_s": wall_s, "forward_s": forward_s, "forward_share": forward_s / wall_s,
+            "top_ops_by_self_cpu": [{"op": event.key, "calls": event.count,
+                                     "self_cpu_share": event.self_cpu_time_total / total_us} for event in top]}
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'figure':<62} {'value':>12}")
+
+    def row(name, value, unit="x"):
+        print(f"{name:<62} {value:>11.3f}{unit}")
+
+    for shape, section in report["samplers"].items():
+        for name, entry in section["samplers"].items():
+            for setting in ("default", "after", "before"):
+                if setting in entry:
+                    row(f"{shape}: {name} {setting}, per NFE / {entry['forward']} forward",
+                        entry[setting]["per_nfe_over_forward"]["median"])
+            if "before_over_after" in entry:
+                row(f"{shape}: {name} per NFE, before / after {KNOB}", entry["before_over_after"]["median"])
+    for shape, section in report["forward"].items():
+        for name, value in section["ratios"].items():
+            row(f"{shape}: forward {name}", value["median"])
+    for shape, section in report["training"].items():
+        row(f"{shape}: training step DSL / MDLM", section["dsl_over_mdlm"]["median"])
+        row(f"{shape}: training step peak memory DSL / MDLM", section["dsl_over_mdlm_peak_memory"])
+        for objective in ("mdlm", "dsl"):
+            row(f"{shape}: training step {objective} peak memory (MiB over start)",
+                section[objective]["peak_mib_over_start"], " ")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small-cpu only, T = 8, one sampler round, 2 repeats")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: small-cpu, mdlm-small-cpu")
+    parser.add_argument("--steps", type=int, help="sampler steps T (default 32; 8 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed rounds of the forwards and training steps (default 3; 2 quick)")
+    parser.add_argument("--sampler-repeats", type=int,
+                        help="timed runs of each sampler setting (default 2; 1 quick)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--output", default=os.path.join(RESULTS, "speed.json"))
+    parser.add_argument("--profile-output", help="default: sampler_profile.txt next to --output")
+    args = parser.parse_args(argv)
+    shapes = args.shapes or (["small-cpu"] if args.quick else ["small-cpu", "mdlm-small-cpu"])
+    steps = args.steps or (8 if args.quick else 32)
+    repeats = args.repeats or (2 if args.quick else 3)
+    sampler_repeats = args.sampler_repeats or (1 if args.quick else 2)
+    profile_path = args.profile_output or os.path.join(os.path.dirname(os.path.abspath(args.output)),
+                                                       "sampler_profile.txt")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    for path in (args.output, profile_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    report = {
+        "environment": {
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": args.dtype,
+        },
+        "settings": {"quick": args.quick, "sampler_steps": steps, "repeats": repeats,
+                     "sampler_repeats": sampler_repeats, "memory_method": MEMORY_METHOD[device.type]},
+        "shapes": {shape: SHAPES[shape] for shape in shapes},
+        "samplers": {}, "forward": {}, "training": {}, "profile": None,
+    }
+    started = time.perf_counter()
+    for shape in shapes:
+        log(f"{shape}: forwards (ours, continuous, MDLM reference)")
+        report["forward"][shape] = bench_forwards(shape, repeats, device, dtype)
+        if SHAPES[shape]["samplers"]:
+            model = build_model(shape, device, dtype)
+            log(f"{shape}: samplers, T = {steps}, {sampler_repeats} round(s)")
+            report["samplers"][shape] = bench_samplers(model, shape, steps, sampler_repeats, device)
+            if report["profile"] is None:
+                log(f"{shape}: profiling one {PROFILED_SAMPLER} run")
+                report["profile"] = profile_sampler(model, shape, steps, device, profile_path)
+            del model
+        log(f"{shape}: training steps")
+        report["training"][shape] = bench_training(shape, repeats, device, dtype)
+    report["settings"]["wall_s"] = time.perf_counter() - started
+
+    print_table(report)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    log(f"wrote {args.output} and {profile_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
