@@ -166,12 +166,21 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         # Not persistent: it is a pure function of the config, and MDLM checkpoints carry their own copy.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cached = None  # (key, cos, sin) of the last call: the key changes when inv_freq is moved or rewritten
 
     def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # A sampler calls the network with the same length at every step: compute the table once per length and
+        # device (never while compiling, where the computation folds into the graph).
+        key = (length, torch.device(device), self.inv_freq.data_ptr(), self.inv_freq.dtype, self.inv_freq._version)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1], self._cached[2]
         positions = torch.arange(length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))
         angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos(), angles.sin()
+        cos, sin = angles.cos(), angles.sin()
+        if not torch.compiler.is_compiling():
+            self._cached = (key, cos, sin)
+        return cos, sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
