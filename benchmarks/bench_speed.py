@@ -18,6 +18,8 @@ What it measures (random weights; every figure keeps its repeats and reports the
 4. a training step (loss + backward + AdamW step, dropout 0.1) of the DSL and MDLM objectives, interleaved so that
    load from other processes hits both alike, with the peak memory of each.
 5. a torch.profiler table of one ReMDM-cap run (benchmarks/results/sampler_profile.txt): where a sampler's time goes.
+6. before / after in one process: ReMDM-cap on a converter-endpoint (DSL-trained) model with and without the run's
+   endpoint cache, and the nucleus filter through its top candidates against one full sort of the vocabulary.
 
 A shared CPU's load changes within seconds, so every ratio is taken between calls that ran back to back (a sampler
 run and the bare forwards just before and after it; one round of the forwards; an MDLM and a DSL step), round by
@@ -129,11 +131,11 @@ MEMORY_METHOD = {
 # --- models and timing -------------------------------------------------------------------------------------------
 
 
-def model_config(shape: str, dropout: float) -> DSLConfig:
+def model_config(shape: str, dropout: float, **overrides) -> DSLConfig:
     spec = SHAPES[shape]
     sizes = {key: spec[key] for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                         "cond_dim", "embed_dim")}
-    return DSLConfig(max_position_embeddings=spec["length"], dropout=dropout, **sizes)
+    return DSLConfig(max_position_embeddings=spec["length"], dropout=dropout, **sizes, **overrides)
 
 
 def build_model(shape: str, device, dtype) -> DSLForMaskedDiffusion:
@@ -383,6 +385,69 @@ def profile_sampler(model, shape: str, steps: int, device, path: str) -> dict:
 # --- the command -------------------------------------------------------------------------------------------------
 
 
+# --- 6. before / after, in one process: the endpoint cache and the nucleus --------------------------------------
+
+
+def bench_endpoint_cache(shape: str, steps: int, repeats: int, device, dtype) -> dict:
+    """ReMDM-cap on a converter-endpoint model (what DSL training leaves: every discrete state goes through the
+    converter) with the run's endpoint cache (the default) and without it (every call converts every distinct token
+    of the batch again), run after run."""
+    torch.manual_seed(0)
+    model = DSLForMaskedDiffusion(model_config(shape, dropout=0.0, endpoint_inputs="converter"))
+    model = model.to(device=device, dtype=dtype).eval()
+    variant = {"sampler": "remdm", "knobs": {"strategy": "cap", "num_steps": steps, "top_p": TOP_P}}
+    cached_method = model.endpoint_cache
+    times = {"cached": [], "uncached": []}
+    with torch.inference_mode():
+        run_sampler(model, variant, shape, 2, device)  # warm-up
+        for _ in range(repeats):
+            for setting in ("uncached", "cached"):
+                model.endpoint_cache = cached_method if setting == "cached" else nullcontext
+                output = None
+
+                def run():
+                    nonlocal output
+                    output = run_sampler(model, variant, shape, steps, device)
+
+                times[setting].append(timed(run, device) / output.nfe)
+    model.endpoint_cache = cached_method
+    log(f"  {shape} endpoint cache: {statistics.median(times['uncached']) * 1e3:.1f} -> "
+        f"{statistics.median(times['cached']) * 1e3:.1f} ms/NFE")
+    return {
+        "sampler": "remdm-cap", "steps": steps, "s_per_nfe_uncached": median_entry(times["uncached"]),
+        "s_per_nfe_cached": median_entry(times["cached"]),
+        "uncached_over_cached": median_entry([u / c for u, c in zip(times["uncached"], times["cached"])]),
+    }
+
+
+def bench_nucleus(vocab_size: int, rows: int, repeats: int, device) -> dict:
+    """`nucleus_kept` (the top 256 / 4,096 candidates first) against one full sort of the vocabulary, on float64 rows
+    whose nucleus (top_p = 0.9) is small (peaked), medium or nearly the whole vocabulary (flat)."""
+    from dsl_diffusion.pipelines.samplers import nucleus_kept
+
+    def full_sort(probs):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < TOP_P
+        keep[:, 0] = True
+        return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
+
+    generator = torch.Generator().manual_seed(0)
+    result = {"rows": rows, "vocab_size": vocab_size, "top_p": TOP_P}
+    for name, scale in (("peaked", 8.0), ("medium", 3.0), ("flat", 0.3)):
+        probs = (torch.randn(rows, vocab_size, generator=generator, dtype=torch.float64) * scale).softmax(-1).to(device)
+        assert torch.equal(nucleus_kept(probs, TOP_P), full_sort(probs))
+        times = {"full_sort": [], "candidates": []}
+        for _ in range(repeats):
+            times["full_sort"].append(timed(lambda: full_sort(probs), device))
+            times["candidates"].append(timed(lambda: nucleus_kept(probs, TOP_P), device))
+        result[name] = {
+            "nucleus_size_median": float(nucleus_kept(probs, TOP_P).sum(-1).double().median()),
+            "full_sort_s": median_entry(times["full_sort"]), "candidates_s": median_entry(times["candidates"]),
+            "full_sort_over_candidates": median_entry([f / c for f, c in zip(times["full_sort"], times["candidates"])]),
+        }
+    return result
+
+
 def print_table(report: dict) -> None:
     print(f"\n{'figure':<62} {'value':>12}")
 
@@ -400,6 +465,13 @@ def print_table(report: dict) -> None:
     for shape, section in report["forward"].items():
         for name, value in section["ratios"].items():
             row(f"{shape}: forward {name}", value["median"])
+    for shape, section in report["endpoint_cache"].items():
+        row(f"{shape}: remdm-cap on a converter-endpoint model, per NFE without / with the endpoint cache",
+            section["uncached_over_cached"]["median"])
+    if report["nucleus"]:
+        for name in ("peaked", "medium", "flat"):
+            row(f"nucleus (top_p {TOP_P}, {name} rows): full sort / top candidates",
+                report["nucleus"][name]["full_sort_over_candidates"]["median"])
     for shape, section in report["training"].items():
         row(f"{shape}: training step DSL / MDLM", section["dsl_over_mdlm"]["median"])
         row(f"{shape}: training step peak memory DSL / MDLM", section["dsl_over_mdlm_peak_memory"])
@@ -442,7 +514,7 @@ def main(argv=None) -> dict:
         "settings": {"quick": args.quick, "sampler_steps": steps, "repeats": repeats,
                      "sampler_repeats": sampler_repeats, "memory_method": MEMORY_METHOD[device.type]},
         "shapes": {shape: SHAPES[shape] for shape in shapes},
-        "samplers": {}, "forward": {}, "training": {}, "profile": None,
+        "samplers": {}, "forward": {}, "training": {}, "endpoint_cache": {}, "nucleus": None, "profile": None,
     }
     started = time.perf_counter()
     for shape in shapes:
@@ -456,6 +528,11 @@ def main(argv=None) -> dict:
                 log(f"{shape}: profiling one {PROFILED_SAMPLER} run")
                 report["profile"] = profile_sampler(model, shape, steps, device, profile_path)
             del model
+            log(f"{shape}: remdm-cap with and without the endpoint cache (converter endpoints)")
+            report["endpoint_cache"][shape] = bench_endpoint_cache(shape, steps, sampler_repeats, device, dtype)
+        if report["nucleus"] is None and SHAPES[shape]["samplers"]:
+            log("nucleus: top candidates vs a full sort")
+            report["nucleus"] = bench_nucleus(SHAPES[shape]["vocab_size"], 64, repeats, device)
         log(f"{shape}: training steps")
         report["training"][shape] = bench_training(shape, repeats, device, dtype)
     report["settings"]["wall_s"] = time.perf_counter() - started

@@ -46,6 +46,8 @@ def test_bench_speed_reports_every_sampler_and_section(tmp_path, bench_speed):
     training = report["training"]["tiny"]
     assert positive(training["dsl_over_mdlm"]["median"])
     assert all(training[objective]["peak_mib_over_start"] >= 0 for objective in ("mdlm", "dsl"))
+    assert positive(report["endpoint_cache"]["tiny"]["uncached_over_cached"]["median"])
+    assert all(positive(report["nucleus"][name]["full_sort_over_candidates"]["median"]) for name in ("peaked", "flat"))
     profile = (tmp_path / "sampler_profile.txt").read_text()
     assert "Self CPU" in profile and "aten::" in profile
     assert report["environment"]["threads"] == 1 and report["shapes"]["tiny"]["length"] == 32
