@@ -46,6 +46,7 @@ import torch
 
 from bench_samplers import SAMPLERS, synchronize
 from bench_training import training_step
+from dsl_diffusion.evaluation.utils import atomic_write_json
 from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
 from dsl_diffusion.pipelines.samplers import get_sampler
 from dsl_diffusion.trainer.corruption import build_snr_path
@@ -538,8 +539,7 @@ def main(argv=None) -> dict:
     report["settings"]["wall_s"] = time.perf_counter() - started
 
     print_table(report)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_json(args.output, report)
     log(f"wrote {args.output} and {profile_path}")
     return report
 
