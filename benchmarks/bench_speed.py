@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import dataclasses
 import inspect
-import json
 import os
 import platform
 import statistics
