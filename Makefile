@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_speed.py
+	$(PY) benchmarks/bench_speed.py --compile
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info outputs

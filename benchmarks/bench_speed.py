@@ -20,6 +20,8 @@ What it measures (random weights; every figure keeps its repeats and reports the
 5. a torch.profiler table of one ReMDM-cap run (benchmarks/results/sampler_profile.txt): where a sampler's time goes.
 6. before / after in one process: ReMDM-cap on a converter-endpoint (DSL-trained) model with and without the run's
    endpoint cache, and the nucleus filter through its top candidates against one full sort of the vocabulary.
+7. with `--compile`: ReMDM-cap with `torch_compile=True` against the eager model (full logits, and logits where
+   needed), once the compiled graph is warm; the first compiled run's time is reported apart.
 
 A shared CPU's load changes within seconds, so every ratio is taken between calls that ran back to back (a sampler
 run and the bare forwards just before and after it; one round of the forwards; an MDLM and a DSL step), round by
@@ -448,6 +450,40 @@ def bench_nucleus(vocab_size: int, rows: int, repeats: int, device) -> dict:
     return result
 
 
+def bench_compile(shape: str, steps: int, repeats: int, device, dtype) -> dict:
+    """ReMDM-cap per NFE with `torch_compile=True` (inductor; full logits, static shapes) against the eager model with
+    full logits and with logits where needed (the default), run after run once the compiled graph is warm."""
+    model = build_model(shape, device, dtype)
+    settings = {
+        "eager_full_logits": {"logits_where_needed": False},
+        "eager_logits_where_needed": {},
+        "compiled_full_logits": {"torch_compile": True},
+    }
+    variants = {name: {"sampler": "remdm", "knobs": {"strategy": "cap", "num_steps": steps, "top_p": TOP_P, **knobs}}
+                for name, knobs in settings.items()}
+    times = {name: [] for name in settings}
+    with torch.inference_mode():
+        compile_s = timed(lambda: run_sampler(model, variants["compiled_full_logits"], shape, steps, device), device)
+        for _ in range(repeats):
+            for name, variant in variants.items():
+                output = None
+
+                def run():
+                    nonlocal output
+                    output = run_sampler(model, variant, shape, steps, device)
+
+                times[name].append(timed(run, device) / output.nfe)
+    log(f"  {shape} compile: first run {compile_s:.0f} s; " + ", ".join(
+        f"{name} {statistics.median(values) * 1e3:.1f} ms/NFE" for name, values in times.items()))
+    result = {"sampler": "remdm-cap", "steps": steps, "first_compiled_run_s": compile_s}
+    result.update({f"{name}_s_per_nfe": median_entry(values) for name, values in times.items()})
+    for name in ("eager_full_logits", "eager_logits_where_needed"):
+        result[f"{name}_over_compiled"] = median_entry(
+            [e / c for e, c in zip(times[name], times["compiled_full_logits"])]
+        )
+    return result
+
+
 def print_table(report: dict) -> None:
     print(f"\n{'figure':<62} {'value':>12}")
 
@@ -468,6 +504,10 @@ def print_table(report: dict) -> None:
     for shape, section in report["endpoint_cache"].items():
         row(f"{shape}: remdm-cap on a converter-endpoint model, per NFE without / with the endpoint cache",
             section["uncached_over_cached"]["median"])
+    for shape, section in report["compile"].items():
+        for name in ("eager_full_logits", "eager_logits_where_needed"):
+            row(f"{shape}: remdm-cap per NFE, {name.replace('_', ' ')} / compiled (full logits)",
+                section[f"{name}_over_compiled"]["median"])
     if report["nucleus"]:
         for name in ("peaked", "medium", "flat"):
             row(f"nucleus (top_p {TOP_P}, {name} rows): full sort / top candidates",
@@ -491,6 +531,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ReMDM-cap with torch_compile=True (inductor compiles first: minutes on a CPU)")
     parser.add_argument("--output", default=os.path.join(RESULTS, "speed.json"))
     parser.add_argument("--profile-output", help="default: sampler_profile.txt next to --output")
     args = parser.parse_args(argv)
@@ -514,7 +556,8 @@ def main(argv=None) -> dict:
         "settings": {"quick": args.quick, "sampler_steps": steps, "repeats": repeats,
                      "sampler_repeats": sampler_repeats, "memory_method": MEMORY_METHOD[device.type]},
         "shapes": {shape: SHAPES[shape] for shape in shapes},
-        "samplers": {}, "forward": {}, "training": {}, "endpoint_cache": {}, "nucleus": None, "profile": None,
+        "samplers": {}, "forward": {}, "training": {}, "endpoint_cache": {}, "nucleus": None, "compile": {},
+        "profile": None,
     }
     started = time.perf_counter()
     for shape in shapes:
@@ -530,6 +573,9 @@ def main(argv=None) -> dict:
             del model
             log(f"{shape}: remdm-cap with and without the endpoint cache (converter endpoints)")
             report["endpoint_cache"][shape] = bench_endpoint_cache(shape, steps, sampler_repeats, device, dtype)
+            if args.compile:
+                log(f"{shape}: remdm-cap compiled (inductor) vs eager")
+                report["compile"][shape] = bench_compile(shape, steps, sampler_repeats, device, dtype)
         if report["nucleus"] is None and SHAPES[shape]["samplers"]:
             log("nucleus: top candidates vs a full sort")
             report["nucleus"] = bench_nucleus(SHAPES[shape]["vocab_size"], 64, repeats, device)

@@ -170,17 +170,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # A sampler calls the network with the same length at every step: compute the table once per length and
-        # device (never while compiling, where the computation folds into the graph).
+        # device. A compiled graph computes it inside and never reads the cache (a guard on it would recompile).
+        if torch.compiler.is_compiling():
+            return self._table(length, device)
         key = (length, torch.device(device), self.inv_freq.data_ptr(), self.inv_freq.dtype, self.inv_freq._version)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1], self._cached[2]
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, *self._table(length, device))
+        return self._cached[1], self._cached[2]
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))
         angles = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-        if not torch.compiler.is_compiling():
-            self._cached = (key, cos, sin)
-        return cos, sin
+        return angles.cos(), angles.sin()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
