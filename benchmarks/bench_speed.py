@@ -1,7 +1,7 @@
 """The speed benchmark: one process, one table, one JSON (default benchmarks/results/speed.json).
 
     python benchmarks/bench_speed.py --quick     # small-cpu only, T = 8, one run per sampler setting (~3-6 min)
-    python benchmarks/bench_speed.py             # small-cpu (T = 32) and mdlm-small-cpu (~15-20 min on 2 cores)
+    python benchmarks/bench_speed.py             # small-cpu (T = 32) and mdlm-small-cpu (~8 min on a quiet 2-core CPU)
     python benchmarks/bench_speed.py --device cuda --dtype bfloat16
 
 What it measures (random weights; every figure keeps its repeats and reports their median):
