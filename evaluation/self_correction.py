@@ -119,7 +119,7 @@ def _refine_sde(model, corrupted, attention_mask, snr, snr_max, num_steps, gener
         noise=NoiseSource(generator, corrupted.shape[0], corrupted.device),
     )
     with tqdm(total=num_steps, disable=True) as progress:
-        state, _ = sampler.integrate(model, state, denoiser, StepRecorder(None, False), progress)
+        state, _ = sampler.integrate(state, denoiser, StepRecorder(None, False), progress)
     return state.tokens, denoiser.nfe
 
 

@@ -1332,7 +1332,7 @@ class DSLSDESampler(DiffusionSampler):
         draft[where], confidences[where] = tokens[where], best_probs[where].double()
         return dataclasses.replace(state, tokens=draft, confidences=confidences)
 
-    def integrate(self, model, state, denoiser, recorder, progress) -> tuple[ContinuousState, torch.Tensor]:
+    def integrate(self, state, denoiser, recorder, progress) -> tuple[ContinuousState, torch.Tensor]:
         """Run the Euler steps over the state's grid; returns the final state (its draft read at z_K) and the
         logits at z_K. One network call per grid point, and one softmax per call: it gives both the next step's
         drift x_hat = softmax(logits) E and the draft, which is read after the last step and, only when a
@@ -1359,7 +1359,7 @@ class DSLSDESampler(DiffusionSampler):
         grid = self.build_grid(model, snr_grid, device=inputs.tokens.device)
         state = self.init_state(inputs, noise, denoiser, grid)
         with self._progress(grid.shape[-1] - 1, progress_bar) as progress:
-            state, _ = self.integrate(model, state, denoiser, recorder, progress)
+            state, _ = self.integrate(state, denoiser, recorder, progress)
         return state, denoiser.nfe
 
 
@@ -1468,7 +1468,7 @@ class HybridSampler(DiffusionSampler):
         with self._progress(config.num_steps, progress_bar) as progress:
             grid = sde.build_grid(model, device=inputs.tokens.device)
             continuous = sde.init_state(inputs, noise, denoiser, grid)
-            continuous, logits = sde.integrate(model, continuous, denoiser, recorder, progress)
+            continuous, logits = sde.integrate(continuous, denoiser, recorder, progress)
             tokens, confidences = self.commit(continuous, logits, mask_token_id)
 
             generatable = inputs.generatable
