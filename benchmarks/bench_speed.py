@@ -20,7 +20,10 @@ What it measures (random weights; every figure keeps its repeats and reports the
 5. a torch.profiler table of one ReMDM-cap run (benchmarks/results/sampler_profile.txt): where a sampler's time goes.
 6. before / after in one process: ReMDM-cap on a converter-endpoint (DSL-trained) model with and without the run's
    endpoint cache, and the nucleus filter through its top candidates against one full sort of the vocabulary.
-7. with `--compile`: ReMDM-cap with `torch_compile=True` against the eager model (full logits, and logits where
+7. before / after in one process: the converter alone (inference, and forward + backward), its previous one-pass
+   form (one `[N, V]` score tensor, exponentials in place) against the chunked online softmax of the library, with
+   the peak memory of each.
+8. with `--compile`: ReMDM-cap with `torch_compile=True` against the eager model (full logits, and logits where
    needed), once the compiled graph is warm; the first compiled run's time is reported apart.
 
 A shared CPU's load changes within seconds, so every ratio is taken between calls that ran back to back (a sampler
@@ -450,6 +453,66 @@ def bench_nucleus(vocab_size: int, rows: int, repeats: int, device) -> dict:
     return result
 
 
+def one_pass_converter(model, noisy_states):
+    """The converter as the library computed it before the chunked online softmax: one `[N, V]` float32 score tensor
+    (bias fused, the [MASK] slot added on the side, exponentials in place without autograd), then one product with
+    W. Kept here as the "before" of the converter's before / after."""
+    table = model.backbone.vocab_embed.embedding
+    vocab_size = model.config.vocab_size
+    bias = model.converter_bias.float()
+    flat = noisy_states.reshape(-1, noisy_states.shape[-1]).float()
+    token_scores = torch.addmm(bias[:vocab_size], flat * model.converter_beta.float(), model.token_directions().float().T)
+    shift = torch.maximum(token_scores.amax(dim=-1, keepdim=True), bias[vocab_size]).detach()
+    if torch.is_grad_enabled():
+        token_weights = (token_scores - shift).exp()
+    else:
+        token_weights = token_scores.sub_(shift).exp_()
+    mask_weight = (bias[vocab_size] - shift).exp()
+    normalizer = token_weights.sum(dim=-1, keepdim=True) + mask_weight
+    hidden = torch.addmm((mask_weight * table[vocab_size].float()).to(table.dtype), token_weights.to(table.dtype),
+                         table[:vocab_size])
+    return (hidden.float() / normalizer).to(table.dtype).reshape(*noisy_states.shape[:-1], table.shape[-1])
+
+
+def bench_converter(shape: str, repeats: int, device, dtype) -> dict:
+    """The converter alone on the shape's noisy states: one pass (before) vs chunked (after), inference and
+    forward + backward (gradients into the states and every converter parameter), interleaved, with peak memory."""
+    model = build_model(shape, device, dtype)
+    noisy_states = forward_inputs(model, shape, "continuous", device)["noisy_states"]
+    converters = {"one_pass": lambda states: one_pass_converter(model, states), "chunked": model.convert_noisy_states}
+    with torch.no_grad():  # the same function, up to float rounding
+        torch.testing.assert_close(converters["chunked"](noisy_states), converters["one_pass"](noisy_states),
+                                   atol=1e-4, rtol=1e-3)
+    result = {"states": noisy_states.shape[0] * noisy_states.shape[1]}
+    for mode in ("inference", "training"):
+        def call(converter, mode=mode):
+            if mode == "inference":
+                with torch.no_grad():
+                    converter(noisy_states)
+            else:
+                states = noisy_states.detach().requires_grad_()
+                converter(states).float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+
+        seconds, peak_mib = {name: [] for name in converters}, {}
+        for name, converter in converters.items():
+            call(converter)
+            with PeakMemory(device) as memory:
+                call(converter)
+            peak_mib[name] = memory.mib
+        for _ in range(repeats):
+            for name, converter in converters.items():
+                seconds[name].append(timed(lambda: call(converter), device))
+        result[mode] = {f"{name}_s": median_entry(values) for name, values in seconds.items()}
+        result[mode].update({f"{name}_peak_mib_over_start": mib for name, mib in peak_mib.items()})
+        result[mode]["one_pass_over_chunked"] = median_entry(
+            [before / after for before, after in zip(seconds["one_pass"], seconds["chunked"])])
+        log(f"  {shape} converter {mode}: one pass {statistics.median(seconds['one_pass']) * 1e3:.0f} ms "
+            f"(+{peak_mib['one_pass']:.0f} MiB), chunked {statistics.median(seconds['chunked']) * 1e3:.0f} ms "
+            f"(+{peak_mib['chunked']:.0f} MiB)")
+    return result
+
+
 def bench_compile(shape: str, steps: int, repeats: int, device, dtype) -> dict:
     """ReMDM-cap per NFE with `torch_compile=True` (inductor; full logits, static shapes) against the eager model with
     full logits and with logits where needed (the default), run after run once the compiled graph is warm."""
@@ -504,6 +567,11 @@ def print_table(report: dict) -> None:
     for shape, section in report["endpoint_cache"].items():
         row(f"{shape}: remdm-cap on a converter-endpoint model, per NFE without / with the endpoint cache",
             section["uncached_over_cached"]["median"])
+    for shape, section in report["converter"].items():
+        for mode in ("inference", "training"):
+            row(f"{shape}: converter {mode}, one pass / chunked (time)", section[mode]["one_pass_over_chunked"]["median"])
+            row(f"{shape}: converter {mode} peak memory one pass / chunked (MiB)",
+                section[mode]["one_pass_peak_mib_over_start"] / max(section[mode]["chunked_peak_mib_over_start"], 1e-9))
     for shape, section in report["compile"].items():
         for name in ("eager_full_logits", "eager_logits_where_needed"):
             row(f"{shape}: remdm-cap per NFE, {name.replace('_', ' ')} / compiled (full logits)",
@@ -557,12 +625,15 @@ def main(argv=None) -> dict:
                      "sampler_repeats": sampler_repeats, "memory_method": MEMORY_METHOD[device.type]},
         "shapes": {shape: SHAPES[shape] for shape in shapes},
         "samplers": {}, "forward": {}, "training": {}, "endpoint_cache": {}, "nucleus": None, "compile": {},
+        "converter": {},
         "profile": None,
     }
     started = time.perf_counter()
     for shape in shapes:
         log(f"{shape}: forwards (ours, continuous, MDLM reference)")
         report["forward"][shape] = bench_forwards(shape, repeats, device, dtype)
+        log(f"{shape}: the converter, one pass vs chunked")
+        report["converter"][shape] = bench_converter(shape, repeats, device, dtype)
         if SHAPES[shape]["samplers"]:
             model = build_model(shape, device, dtype)
             log(f"{shape}: samplers, T = {steps}, {sampler_repeats} round(s)")

@@ -75,6 +75,9 @@ class DSLConfig(PreTrainedConfig):
         converter_beta_init: initial inverse temperature beta of the converter softmax (`None` = 1/sqrt(d)).
         converter_mask_bias: initial bias of the converter's `[MASK]` slot (`None` = log((V + 1) * 99), so that
             p~(mask | z = 0) ~= 0.99; **[choice]**: the authors' code also uses log V).
+        converter_chunk_size: how many vocabulary slots the converter's softmax takes at a time (`None` = about 2M
+            scores per chunk for the number of states converted, at least 1,024 slots). A speed and memory knob only:
+            every chunk size gives the same outputs and gradients up to float rounding.
         snr_conditioning: "none" (a constant adaLN vector, the default: the Bayes-optimal denoiser does not depend
             on the SNRs) or "norm" (per-token adaLN conditioning on ||z_i||) (**[choice]**).
         time_conditioning: MDLM's sigma conditioning; off in the released MDLM and in DSL.
@@ -106,6 +109,7 @@ class DSLConfig(PreTrainedConfig):
     embed_dim: int = 64
     converter_beta_init: float | int | None = None
     converter_mask_bias: float | int | None = None
+    converter_chunk_size: int | None = None
     snr_conditioning: str = "none"
     time_conditioning: bool = False
     snr_max: float | int = 100.0
@@ -172,6 +176,8 @@ class DSLConfig(PreTrainedConfig):
         if self.converter_mask_bias is not None:
             check_real("converter_mask_bias", self.converter_mask_bias,
                        hint=" None = log((vocab_size + 1) * 99), so that p~(mask | z = 0) ~= 0.99.")
+        if self.converter_chunk_size is not None:
+            check_size("converter_chunk_size", self.converter_chunk_size)
         if self.snr_conditioning not in SNR_CONDITIONING_MODES:
             raise ValueError(
                 f"snr_conditioning={self.snr_conditioning!r} is not supported; accepted: {SNR_CONDITIONING_MODES}."
