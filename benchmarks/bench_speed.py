@@ -23,7 +23,10 @@ What it measures (random weights; every figure keeps its repeats and reports the
 7. before / after in one process: the converter alone (inference, and forward + backward), its previous one-pass
    form (one `[N, V]` score tensor, exponentials in place) against the chunked online softmax of the library, with
    the peak memory of each.
-8. with `--compile`: ReMDM-cap with `torch_compile=True` against the eager model (full logits, and logits where
+8. the opt-in sparse converter (`converter_top_k`): its time against the exact converter, and per SNR the exact
+   slot mass it keeps and the relative change of h, at the initial converter (beta = 1 / sqrt(d), soft) and at
+   beta = 1 (sharper). Its effect on a trained model's outputs: `bench_sparse_converter.py`.
+9. with `--compile`: ReMDM-cap with `torch_compile=True` against the eager model (full logits, and logits where
    needed), once the compiled graph is warm; the first compiled run's time is reported apart.
 
 A shared CPU's load changes within seconds, so every ratio is taken between calls that ran back to back (a sampler
@@ -49,6 +52,7 @@ import psutil
 import torch
 
 from bench_samplers import SAMPLERS, synchronize
+from bench_sparse_converter import exact_slot_probs, with_top_k
 from bench_training import training_step
 from dsl_diffusion.evaluation.utils import atomic_write_json
 from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
@@ -513,6 +517,53 @@ def bench_converter(shape: str, repeats: int, device, dtype) -> dict:
     return result
 
 
+SPARSE_TOP_K = (64, 1024)
+SPARSE_SNRS = (0.0, 1.0, 5.0, 20.0, 100.0)
+
+
+def bench_sparse_converter(shape: str, repeats: int, device, dtype) -> dict:
+    """`converter_top_k` against the exact converter: time (the converter alone, inference) and, per SNR, the slot
+    mass it keeps and the change of h it makes (random weights: the network's outputs would say nothing)."""
+    spec = SHAPES[shape]
+    model = build_model(shape, device, dtype)
+    ids = torch.randint(0, spec["vocab_size"], (spec["batch"], spec["length"]),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    top_ks = [k for k in SPARSE_TOP_K if k < spec["vocab_size"]] or [spec["vocab_size"] // 4]
+    result = {"top_k": top_ks, "snrs": list(SPARSE_SNRS), "time": {}, "converter_drift": {}}
+    with torch.inference_mode():
+        states = model.noisy_states(ids, 10.0, generator=torch.Generator(device).manual_seed(1)).to(model.dtype)
+        seconds = {top_k: [] for top_k in (None, *top_ks)}
+        for _ in range(repeats):
+            for top_k in seconds:
+                with with_top_k(model, top_k):
+                    seconds[top_k].append(timed(lambda: model.convert_noisy_states(states), device))
+        result["time"]["exact_s"] = median_entry(seconds[None])
+        for top_k in top_ks:
+            result["time"][f"top_{top_k}"] = {
+                "s": median_entry(seconds[top_k]),
+                "exact_over_sparse": median_entry([e / t for e, t in zip(seconds[None], seconds[top_k])]),
+            }
+        for beta_name, beta in (("initial", float(model.converter_beta)), ("beta_1", 1.0)):
+            model.converter_beta.fill_(beta)
+            rows = {}
+            for snr in SPARSE_SNRS:
+                z = model.noisy_states(ids, snr, generator=torch.Generator(device).manual_seed(2)).to(model.dtype)
+                exact_hidden = model.convert_noisy_states(z).float()
+                slot_probs = exact_slot_probs(model, z)
+                for top_k in top_ks:
+                    with with_top_k(model, top_k):
+                        sparse_hidden = model.convert_noisy_states(z).float()
+                    kept_mass = slot_probs[:, -1] + slot_probs[:, :-1].topk(top_k, dim=-1).values.sum(-1)
+                    rows[f"snr_{snr:g}_top_{top_k}"] = {
+                        "kept_mass_mean": float(kept_mass.mean()), "kept_mass_min": float(kept_mass.min()),
+                        "hidden_relative_change": float((sparse_hidden - exact_hidden).norm() / exact_hidden.norm()),
+                    }
+            result["converter_drift"][beta_name] = {"beta": beta, **rows}
+    log(f"  {shape} sparse converter: " + ", ".join(
+        f"top {k} {result['time'][f'top_{k}']['exact_over_sparse']['median']:.2f}x" for k in top_ks))
+    return result
+
+
 def bench_compile(shape: str, steps: int, repeats: int, device, dtype) -> dict:
     """ReMDM-cap per NFE with `torch_compile=True` (inductor; full logits, static shapes) against the eager model with
     full logits and with logits where needed (the default), run after run once the compiled graph is warm."""
@@ -572,6 +623,13 @@ def print_table(report: dict) -> None:
             row(f"{shape}: converter {mode}, one pass / chunked (time)", section[mode]["one_pass_over_chunked"]["median"])
             row(f"{shape}: converter {mode} peak memory one pass / chunked (MiB)",
                 section[mode]["one_pass_peak_mib_over_start"] / max(section[mode]["chunked_peak_mib_over_start"], 1e-9))
+    for shape, section in report["sparse_converter"].items():
+        for top_k in section["top_k"]:
+            row(f"{shape}: converter exact / top {top_k} (time)", section["time"][f"top_{top_k}"]["exact_over_sparse"]["median"])
+            for beta_name in ("initial", "beta_1"):
+                drift = section["converter_drift"][beta_name]
+                lowest = min(drift[f"snr_{snr:g}_top_{top_k}"]["kept_mass_mean"] for snr in SPARSE_SNRS)
+                row(f"{shape}: top {top_k}, {beta_name} beta: lowest mean kept slot mass over the SNRs", lowest, " ")
     for shape, section in report["compile"].items():
         for name in ("eager_full_logits", "eager_logits_where_needed"):
             row(f"{shape}: remdm-cap per NFE, {name.replace('_', ' ')} / compiled (full logits)",
@@ -625,7 +683,7 @@ def main(argv=None) -> dict:
                      "sampler_repeats": sampler_repeats, "memory_method": MEMORY_METHOD[device.type]},
         "shapes": {shape: SHAPES[shape] for shape in shapes},
         "samplers": {}, "forward": {}, "training": {}, "endpoint_cache": {}, "nucleus": None, "compile": {},
-        "converter": {},
+        "converter": {}, "sparse_converter": {},
         "profile": None,
     }
     started = time.perf_counter()
@@ -634,6 +692,8 @@ def main(argv=None) -> dict:
         report["forward"][shape] = bench_forwards(shape, repeats, device, dtype)
         log(f"{shape}: the converter, one pass vs chunked")
         report["converter"][shape] = bench_converter(shape, repeats, device, dtype)
+        log(f"{shape}: the sparse converter (converter_top_k) against the exact one")
+        report["sparse_converter"][shape] = bench_sparse_converter(shape, repeats, device, dtype)
         if SHAPES[shape]["samplers"]:
             model = build_model(shape, device, dtype)
             log(f"{shape}: samplers, T = {steps}, {sampler_repeats} round(s)")

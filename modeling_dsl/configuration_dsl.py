@@ -78,6 +78,10 @@ class DSLConfig(PreTrainedConfig):
         converter_chunk_size: how many vocabulary slots the converter's softmax takes at a time (`None` = about 2M
             scores per chunk for the number of states converted, at least 1,024 slots). A speed and memory knob only:
             every chunk size gives the same outputs and gradients up to float rounding.
+        converter_top_k: opt-in approximation (`None`, the default, is the exact converter): each state keeps only
+            its k highest-scoring token slots and the `[MASK]` slot, renormalized, so h costs a k-row gather instead of
+            a `[V, H]` product. Drops the mass of the other V - k slots (largest at mid SNR); see the README for the
+            measured drift. Gradients flow through the kept slots only.
         snr_conditioning: "none" (a constant adaLN vector, the default: the Bayes-optimal denoiser does not depend
             on the SNRs) or "norm" (per-token adaLN conditioning on ||z_i||) (**[choice]**).
         time_conditioning: MDLM's sigma conditioning; off in the released MDLM and in DSL.
@@ -110,6 +114,7 @@ class DSLConfig(PreTrainedConfig):
     converter_beta_init: float | int | None = None
     converter_mask_bias: float | int | None = None
     converter_chunk_size: int | None = None
+    converter_top_k: int | None = None
     snr_conditioning: str = "none"
     time_conditioning: bool = False
     snr_max: float | int = 100.0
@@ -178,6 +183,8 @@ class DSLConfig(PreTrainedConfig):
                        hint=" None = log((vocab_size + 1) * 99), so that p~(mask | z = 0) ~= 0.99.")
         if self.converter_chunk_size is not None:
             check_size("converter_chunk_size", self.converter_chunk_size)
+        if self.converter_top_k is not None:
+            check_size("converter_top_k", self.converter_top_k)
         if self.snr_conditioning not in SNR_CONDITIONING_MODES:
             raise ValueError(
                 f"snr_conditioning={self.snr_conditioning!r} is not supported; accepted: {SNR_CONDITIONING_MODES}."

@@ -366,6 +366,33 @@ class ChunkedConverter(torch.autograd.Function):
         return grad_scaled * beta, grad_directions, grad_beta, grad_bias, grad_table, None, None
 
 
+def top_k_converter(states, directions, beta, bias, table, top_k: int, chunk_size: int) -> torch.Tensor:
+    """The opt-in sparse converter: softmax over each state's `top_k` highest-scoring token slots and the `[MASK]`
+    slot, times their rows of W. The slots are chosen without autograd, chunk by chunk (memory O(N * chunk)); their
+    scores are then recomputed with autograd, and `embedding_bag` sums the weighted rows without a `[N, k, H]`
+    tensor. Returns `[N, H]` in float32."""
+    vocab_size = directions.shape[0]
+    with torch.no_grad():
+        scaled = states * beta
+        best_scores = best_slots = None
+        for start in range(0, vocab_size, chunk_size):
+            end = min(start + chunk_size, vocab_size)
+            scores = torch.addmm(bias[start:end], scaled, directions[start:end].T)
+            chunk_best = scores.topk(min(top_k, end - start), dim=-1)
+            if best_scores is None:
+                best_scores, best_slots = chunk_best.values, chunk_best.indices + start
+            else:
+                candidates = torch.cat([best_scores, chunk_best.values], dim=-1)
+                merged = candidates.topk(min(top_k, candidates.shape[-1]), dim=-1)
+                best_slots = torch.cat([best_slots, chunk_best.indices + start], dim=-1).gather(-1, merged.indices)
+                best_scores = merged.values
+    kept_scores = beta * torch.bmm(directions[best_slots], states[:, :, None]).squeeze(-1) + bias[best_slots]
+    mask_scores = bias[vocab_size].expand(states.shape[0], 1)
+    probs = torch.cat([kept_scores, mask_scores], dim=-1).softmax(dim=-1).to(table.dtype)
+    hidden = F.embedding_bag(best_slots, table, per_sample_weights=probs[:, :-1], mode="sum")
+    return (hidden + probs[:, -1:] * table[vocab_size]).float()
+
+
 class DSLPreTrainedModel(PreTrainedModel):
     config_class = DSLConfig
     base_model_prefix = "backbone"  # MDLM's DiT, the attribute that holds the transformer
@@ -661,7 +688,8 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
 
     def convert_noisy_states(self, noisy_states: torch.Tensor) -> torch.Tensor:
         """The converter: h_i = softmax(beta [<z_i, e_1>, .., <z_i, e_V>, 0] + b) W, computed by [`ChunkedConverter`]
-        one vocabulary chunk at a time (equal to the plain formula, gradients included; tested)."""
+        one vocabulary chunk at a time (equal to the plain formula, gradients included; tested), or over each state's
+        top `config.converter_top_k` slots and `[MASK]` when that opt-in approximation is set."""
         table = self.backbone.vocab_embed.embedding
         flat = noisy_states.reshape(-1, noisy_states.shape[-1]).float()
         device_type = flat.device.type
@@ -671,16 +699,13 @@ class DSLForMaskedDiffusion(DSLPreTrainedModel, DSLGenerationMixin):
         chunk_size = self.config.converter_chunk_size or max(
             MIN_CONVERTER_CHUNK, CONVERTER_CHUNK_SCORES // max(flat.shape[0], 1)
         )
+        top_k = self.config.converter_top_k
         with torch.autocast(device_type, enabled=False):  # the scores and the softmax stay float32
-            hidden = ChunkedConverter.apply(
-                flat,
-                self.token_directions().float(),
-                self.converter_beta.float(),
-                self.converter_bias.float(),
-                table,
-                chunk_size,
-                value_dtype,
-            )
+            inputs = (flat, self.token_directions().float(), self.converter_beta.float(), self.converter_bias.float())
+            if top_k is not None and top_k < self.config.vocab_size:
+                hidden = top_k_converter(*inputs, table.to(value_dtype), top_k, chunk_size)
+            else:
+                hidden = ChunkedConverter.apply(*inputs, table, chunk_size, value_dtype)
         return hidden.to(table.dtype).reshape(*noisy_states.shape[:-1], table.shape[-1])
 
     def _endpoint_snr(self, endpoint_snr) -> float:

@@ -91,6 +91,8 @@ CONFIG_CASES = [
     (dict(num_attention_heads=32), ValueError, "head dimension 1 must be even"),
     (dict(intermediate_size=0), ValueError, "intermediate_size=0 must be an integer >= 1"),
     (dict(cond_dim=0), ValueError, "cond_dim=0 must be an integer >= 1"),
+    (dict(converter_chunk_size=0), ValueError, "converter_chunk_size=0 must be an integer >= 1"),
+    (dict(converter_top_k=-2), ValueError, "converter_top_k=-2 must be an integer >= 1"),
     (dict(cond_dim=0, snr_conditioning="norm"), ValueError, "cond_dim=0 must be an integer >= 1"),
     (dict(max_position_embeddings=0), ValueError, "max_position_embeddings=0 must be an integer >= 1"),
     (dict(embed_dim=0), ValueError, "embed_dim=0 must be an integer >= 1"),

@@ -47,6 +47,12 @@ def test_bench_speed_reports_every_sampler_and_section(tmp_path, bench_speed):
     assert positive(training["dsl_over_mdlm"]["median"])
     assert all(training[objective]["peak_mib_over_start"] >= 0 for objective in ("mdlm", "dsl"))
     assert positive(report["endpoint_cache"]["tiny"]["uncached_over_cached"]["median"])
+    converter = report["converter"]["tiny"]
+    assert all(positive(converter[mode]["one_pass_over_chunked"]["median"]) for mode in ("inference", "training"))
+    sparse = report["sparse_converter"]["tiny"]
+    assert sparse["top_k"] == [16] and positive(sparse["time"]["top_16"]["exact_over_sparse"]["median"])
+    for drift in sparse["converter_drift"].values():
+        assert all(0.0 < row["kept_mass_mean"] <= 1.0 + 1e-6 for key, row in drift.items() if key != "beta")
     assert all(positive(report["nucleus"][name]["full_sort_over_candidates"]["median"]) for name in ("peaked", "flat"))
     profile = (tmp_path / "sampler_profile.txt").read_text()
     assert "Self CPU" in profile and "aten::" in profile

@@ -477,6 +477,40 @@ def test_converter_keeps_no_vocabulary_wide_tensor_for_the_backward():
     assert model.token_directions.weight.grad is not None and model.backbone.vocab_embed.embedding.grad is not None
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3, 16])
+def test_top_k_converter_is_the_plain_formula_over_the_kept_slots(chunk_size):
+    """The opt-in sparse converter equals the plain formula with every slot outside each state's top k token scores
+    removed (the [MASK] slot always kept), outputs and gradients; the top k are found across chunks."""
+    top_k = 5
+    model = randomized_model(tiny_config(converter_top_k=top_k, converter_chunk_size=chunk_size))
+    with torch.no_grad():
+        # Distinct token biases: at z = 0 the scores are the biases, and tied scores would make "the top k" ambiguous.
+        model.converter_bias.copy_(torch.randn(41, generator=torch.Generator().manual_seed(5)))
+        model.converter_bias[40] = 2.0
+        model.converter_beta.fill_(0.7)
+    z = torch.randn(2, 6, model.config.embed_dim, generator=torch.Generator().manual_seed(3)) * 3
+    z[1, :2] = 0.0
+
+    def reference(states):
+        scores = model.converter_beta * (states @ model.token_directions().T) + model.converter_bias[:40]
+        outside = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(top_k, dim=-1).indices, False)
+        slot_scores = torch.cat([scores.masked_fill(outside, -torch.inf), model.converter_bias[40].expand_as(scores[..., :1])], -1)
+        return slot_scores.softmax(dim=-1) @ model.backbone.vocab_embed.embedding
+
+    weights = torch.randn(2, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    parameters = [model.token_directions.weight, model.converter_beta, model.converter_bias, model.backbone.vocab_embed.embedding]
+    gradients = []
+    for converter in (model.convert_noisy_states, reference):
+        states = z.clone().requires_grad_()
+        gradients.append(torch.autograd.grad((converter(states) * weights).sum(), [states, *parameters]))
+    for sparse, exact in zip(*gradients):
+        torch.testing.assert_close(sparse, exact, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(model.convert_noisy_states(z), plain_converter(model, z), atol=1e-3)  # it is an approximation
+        model.config.converter_top_k = 40  # k >= V: the exact converter
+        torch.testing.assert_close(model.convert_noisy_states(z), plain_converter(model, z), atol=1e-6, rtol=1e-5)
+
+
 def test_converter_under_bfloat16_autocast_matches_the_plain_formula():
     """Under autocast the products with W run in bfloat16 while the softmax stays float32 (as autocast would run
     the plain formula's matrix products); the outputs agree to bfloat16 precision."""
