@@ -2,8 +2,8 @@
 mass the top k keep, the relative change of the converter's output h, and the change of the network's output
 distribution (KL from the exact one, and how often its argmax moves). Prints a table, writes JSON.
 
-    python benchmarks/bench_sparse_converter.py --model_dir outputs/demo/arm-dsl/model \\
-        --tokenizer outputs/demo/tokenizer --corpus bbc --top_k 16 64 256
+    python benchmarks/bench_sparse_converter.py --model_dir outputs/demo/arm-dsl \\
+        --corpus bbc --top_k 16 64 256     # make demo's DSL arm (its folder holds the tokenizer)
 
 Random weights say nothing here (their outputs barely depend on the input), so this needs a DSL-trained model; the
 time of the sparse converter is in `bench_speed.py`.
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
         print(f"{row['snr']:6g} {row['top_k']:6d} {row['kept_mass_mean']:11.4f} / {row['kept_mass_min']:.4f} "
               f"{row['hidden_relative_change']:9.4f} {row['output_kl_mean']:8.5f} / {row['output_kl_max']:.4f} "
               f"{row['argmax_changed']:13.4f}")
-    report = {"model_dir": args.model_dir, "vocab_size": model.config.vocab_size, "beta": float(model.converter_beta),
+    report = {"model_dir": args.model_dir, "vocab_size": model.config.vocab_size, "beta": float(model.converter_beta.detach()),
               "corpus": args.corpus, "rows": int(input_ids.shape[0]), "length": int(input_ids.shape[1]), "drift": rows}
     atomic_write_json(args.output, report)
     print(f"wrote {args.output}")
