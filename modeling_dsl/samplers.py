@@ -328,10 +328,18 @@ def _max_over_ranks(value: int, device: torch.device) -> int:
 class KeptLogits:
     """Logits computed only where a sampler needs them (`forward(logits_to_keep=kept)`): `values` `[N, V]` at the
     positions of the `[batch, length]` bool map `kept`, row-major. Indexed like the full `[batch, length, V]` logits:
-    `logits[where]` gives the rows of the positions of `where`, which must lie inside `kept`."""
+    `logits[where]` gives the rows of the positions of `where`, which must lie inside `kept`.
+
+    When `kept` selects no position the [`Denoiser`] makes no network call and returns [`KeptLogits.empty`]: its
+    `values` are `[0, 0]` (the vocabulary width is not known without a call), and nothing can be read from it."""
 
     values: torch.Tensor
     kept: torch.BoolTensor
+
+    @classmethod
+    def empty(cls, kept: torch.BoolTensor) -> "KeptLogits":
+        """The logits of a call that was not made because `kept` selects no position."""
+        return cls(values=torch.empty(0, 0, device=kept.device), kept=kept)
 
     def __getitem__(self, where: torch.BoolTensor) -> torch.Tensor:
         if bool((where & ~self.kept).any()):
@@ -342,9 +350,12 @@ class KeptLogits:
 class Denoiser:
     """Calls the network, counts real calls (NFE) and keeps the discrete output cache.
 
-    The cache: when the token state is exactly the one of the previous call, the previous logits are reused (valid
-    because the network has no time input). Under `synced_gpus` a call is skipped only if every rank can skip it,
-    so every rank makes the same number of forward passes (ZeRO-3 gathers parameters collectively).
+    `from_tokens(tokens, keep)` makes no call when `keep` selects no position (nothing needs logits), nor, with the
+    cache, when the tokens are exactly those of the previous call and that call computed every position of `keep`
+    (the previous logits are reused: valid because the network has no time input). Under `synced_gpus` a call is
+    skipped only if every rank can skip it, so every rank makes the same number of forward passes (ZeRO-3 gathers
+    parameters collectively): a rank that needs no logits still calls the network, with its empty `keep`, while
+    another rank needs them.
 
     A token state always reaches the network as `input_ids`: the model knows whether its weights were trained on
     the converter at the SNR endpoints (DSL) or on table rows (MDLM) and shows the state accordingly. `endpoint_snr`
@@ -407,24 +418,31 @@ class Denoiser:
         return states * is_token[..., None]
 
     def from_tokens(self, tokens: torch.Tensor, keep: torch.BoolTensor | None = None) -> torch.Tensor | KeptLogits:
-        """Logits for a discrete state (cached), at the `[batch, length]` positions `keep` (None = everywhere)."""
-        reuse = (
-            self.use_cache
-            and self._cached_tokens is not None
-            and torch.equal(tokens, self._cached_tokens)
-            and (keep is None) == (self._cached_keep is None)
-            and (keep is None or torch.equal(keep, self._cached_keep))
-        )
-        if self.synced_gpus and self.use_cache:
-            reuse = all_ranks_agree(reuse, tokens.device)
-        if reuse:
-            return self._cached_logits
+        """Logits for a discrete state at the `[batch, length]` positions `keep` (None = everywhere); no call (an
+        empty [`KeptLogits`]) when `keep` selects nothing, and the cached logits when they cover the request."""
+        reuse = self.use_cache and self._cache_covers(tokens, keep)
+        skip = reuse or (keep is not None and not bool(keep.any()))
+        if self.synced_gpus and (self.use_cache or keep is not None):
+            # Both conditions come from the run's config, the same on every rank, so every rank votes at every call.
+            skip = all_ranks_agree(skip, tokens.device)
+        if skip:
+            return self._cached_logits if reuse else KeptLogits.empty(keep)
         endpoint_kwargs = {} if self.endpoint_snr is None else {"endpoint_snr": self.endpoint_snr}
         logits = self._forward(input_ids=tokens, logits_to_keep=keep, **endpoint_kwargs)
         if self.use_cache:
             self._cached_tokens, self._cached_logits = tokens.clone(), logits
-            self._cached_keep = None if keep is None else keep.clone()
+            # A model without `logits_to_keep` (or a compiled one) computed every position whatever `keep` asked.
+            self._cached_keep = logits.kept.clone() if isinstance(logits, KeptLogits) else None
         return logits
+
+    def _cache_covers(self, tokens: torch.Tensor, keep: torch.BoolTensor | None) -> bool:
+        """Whether the previous call's logits serve `tokens` at `keep`: the same tokens, and every position of
+        `keep` computed (every position, for `keep=None`)."""
+        if self._cached_tokens is None or not torch.equal(tokens, self._cached_tokens):
+            return False
+        if self._cached_keep is None:
+            return True
+        return keep is not None and not bool((keep & ~self._cached_keep).any())
 
     def from_states(self, noisy_states: torch.Tensor) -> torch.Tensor:
         """Logits for continuous noisy states (never cached: z changes at every step)."""
@@ -625,6 +643,10 @@ class TokenDraw:
 
     def draw(self, logits, where, tokens, noise: NoiseSource) -> tuple[torch.LongTensor, torch.Tensor]:
         """(tokens `[N]`, their sampling probabilities `[N]`): sampled, or the argmax when `do_sample=False`."""
+        if not bool(where.any()):
+            # Nothing to draw, so no logits to read: they may be an empty KeptLogits (no network call was made).
+            # Skipping consumes no randomness: an empty draw takes no numbers from a generator either.
+            return self._nothing(where.device)
         log_probs = self.log_probs(logits, where, tokens)
         if self.config.do_sample:
             new_tokens = gumbel_argmax(log_probs, noise.sample(where, (log_probs.shape[-1],)))
@@ -634,8 +656,14 @@ class TokenDraw:
 
     def best(self, logits, where, tokens) -> tuple[torch.LongTensor, torch.Tensor]:
         """(argmax tokens `[N]`, their probabilities `[N]`) of the sampling distribution (noise removal, commit)."""
+        if not bool(where.any()):
+            return self._nothing(where.device)
         best_log_probs, best_tokens = self.log_probs(logits, where, tokens).max(dim=-1)
         return best_tokens, best_log_probs.exp()
+
+    @staticmethod
+    def _nothing(device) -> tuple[torch.LongTensor, torch.Tensor]:
+        return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.float64, device=device)
 
 
 @dataclass

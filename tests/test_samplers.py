@@ -13,6 +13,7 @@ controls (a sampler that must be wrong) check that the test has the power to not
 import itertools
 import math
 import os
+import sys
 import tempfile
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from scipy import stats
 from torch import nn
 
 from dsl_diffusion.pipelines.samplers import (
+    Denoiser,
     DSLSDESampler,
     EvidenceDenoiser,
     HybridConfig,
@@ -636,10 +638,11 @@ def test_hybrid_with_a_near_clean_commit_converges_as_the_continuous_phase_is_re
 
 @pytest.mark.parametrize("name", ["mdlm", "remdm-cap", "remdm-loop"])
 def test_cache_gives_identical_samples_with_fewer_real_calls(markov, name):
+    """With full logits every step calls the network, unless its tokens are those of the previous call."""
     results = {}
     for use_cache in (True, False):
         markov.calls = 0
-        sampler = get_sampler(name, num_steps=64, use_cache=use_cache)
+        sampler = get_sampler(name, num_steps=64, use_cache=use_cache, logits_where_needed=False)
         out = sample(sampler, markov, seed=8, batch_size=3)
         assert out.nfe == markov.calls  # NFE counts real network calls
         results[use_cache] = out
@@ -744,6 +747,63 @@ def test_logits_only_where_needed_draw_the_same_samples_as_full_logits(tiny_dsl,
         assert kept_total == 3 * 16  # one position per row and call
 
 
+class ForwardRecorder:
+    """Wraps a model's forward (as an instance attribute) and records every call: `logits_to_keep` when it is a
+    `[batch, length]` map (None when every position's logits were asked for) and `input_ids` (None on the noisy-
+    states path)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __enter__(self):
+        forward = self.model.forward
+
+        def recording_forward(*args, logits_to_keep=0, input_ids=None, **kwargs):
+            kept = logits_to_keep.clone() if torch.is_tensor(logits_to_keep) else None
+            self.calls.append(SimpleNamespace(keep=kept, input_ids=None if input_ids is None else input_ids.clone()))
+            return forward(*args, logits_to_keep=logits_to_keep, input_ids=input_ids, **kwargs)
+
+        self.model.forward = recording_forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+def test_denoiser_skips_calls_that_need_no_logits_and_reuses_covering_ones(tiny_dsl):
+    """`from_tokens(tokens, keep)`: no call (an empty KeptLogits, no NFE) when `keep` selects nothing; with the
+    cache, the previous logits when the tokens are unchanged and `keep` lies within the positions it computed."""
+    mask = tiny_dsl.config.mask_token_id
+    tokens = torch.tensor([[3, mask, mask, mask], [mask, 5, mask, mask]])
+    nothing = torch.zeros_like(tokens, dtype=torch.bool)
+    some = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    with ForwardRecorder(tiny_dsl) as recorder:
+        denoiser = Denoiser(tiny_dsl, None, use_cache=True)
+        empty = denoiser.from_tokens(tokens, nothing)
+        assert denoiser.nfe == 0 and recorder.calls == [] and empty.values.shape == (0, 0)
+        assert empty[nothing].numel() == 0
+        with pytest.raises(RuntimeError, match="not computed"):
+            empty[some]
+        logits = denoiser.from_tokens(tokens, some)
+        assert denoiser.nfe == 1 and torch.equal(recorder.calls[-1].keep, some) and logits.values.shape == (3, 32)
+        subset = some & torch.tensor([[False, True, False, False], [True, False, False, False]])
+        assert denoiser.from_tokens(tokens, subset) is logits and denoiser.nfe == 1  # covered: reused
+        assert denoiser.from_tokens(tokens, nothing) is logits and denoiser.nfe == 1
+        beyond = some | (tokens == mask)
+        denoiser.from_tokens(tokens, beyond)  # a position not computed: a call
+        assert denoiser.nfe == 2 and torch.equal(recorder.calls[-1].keep, beyond)
+        denoiser.from_tokens(tokens)  # every position asked for: a call
+        changed = tokens.clone()
+        changed[0, 1] = 7
+        full = denoiser.from_tokens(changed)
+        assert denoiser.nfe == 4 and torch.is_tensor(full)
+        assert denoiser.from_tokens(changed, some) is full and denoiser.nfe == 4  # full logits cover any keep
+        no_cache = Denoiser(tiny_dsl, None)
+        no_cache.from_tokens(tokens, some)
+        no_cache.from_tokens(tokens, some)
+        assert no_cache.from_tokens(tokens, nothing).values.shape == (0, 0) and no_cache.nfe == 2
+
+
 def test_trajectory_callback_and_confidences(independent):
     steps = []
     out = sample(
@@ -846,7 +906,7 @@ def _distributed_worker(rank, world_size, init_file, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         toy = markov_toy(MARKOV_INITIAL, MARKOV_TRANSITION, length=3)
-        # rank 0 has nothing to generate (its state never changes: cache hits, no ROAR step), rank 1 fills 3
+        # rank 0 has nothing to generate (no logits needed: no MDLM call, no ROAR step), rank 1 fills 3
         input_ids = torch.tensor([[0, 2, 1]]) if rank == 0 else torch.tensor([[3, 3, 3]])
         calls = {}
         for name, synced in (("mdlm", True), ("mdlm", False), ("roar", True), ("roar", False)):
@@ -867,11 +927,50 @@ def test_synced_gpus_makes_every_rank_run_the_same_number_of_forward_passes():
         init_file, result_file = os.path.join(folder, "init"), os.path.join(folder, "result.pt")
         torch.multiprocessing.spawn(_distributed_worker, args=(2, init_file, result_file), nprocs=2, join=True)
         rank0, rank1 = torch.load(result_file)
-    assert rank0["mdlm-True"] == rank1["mdlm-True"] >= 2
+    # rank 0 calls whenever rank 1 needs logits (it needs none itself: its calls keep no position)
+    assert rank0["mdlm-True"] == rank1["mdlm-True"] == rank1["mdlm-False"] >= 1
     assert rank0["roar-True"] == rank1["roar-True"] == 3
     # the control: without syncing, rank 0 would skip calls that rank 1 makes (a ZeRO-3 deadlock)
-    assert rank0["mdlm-False"] == 1 < rank1["mdlm-False"]
+    assert rank0["mdlm-False"] == 0 < rank1["mdlm-False"]
     assert rank0["roar-False"] == 0 and rank1["roar-False"] == 3
+
+
+@pytest.fixture
+def other_rank(monkeypatch):
+    """Simulates a second rank's vote in `all_ranks_agree` (single process): `other_rank.can_skip` is its flag,
+    `other_rank.votes` this rank's flags, in order."""
+    state = SimpleNamespace(can_skip=True, votes=[])
+
+    def all_ranks_agree(flag, device):
+        state.votes.append(flag)
+        return flag and state.can_skip
+
+    monkeypatch.setattr(sys.modules[Denoiser.__module__], "all_ranks_agree", all_ranks_agree)
+    return state
+
+
+def test_synced_gpus_skips_a_call_only_when_every_rank_can(tiny_dsl, other_rank):
+    """Under synced_gpus a rank votes to skip a call it does not need (nothing to keep, or covered by the cache),
+    and skips it only if the other rank can too; otherwise it calls the network with its empty or covered `keep`,
+    so that every rank makes the same number of forward passes."""
+    mask = tiny_dsl.config.mask_token_id
+    tokens = torch.tensor([[3, mask, mask, mask]])
+    nothing = torch.zeros_like(tokens, dtype=torch.bool)
+    some = torch.tensor([[False, True, True, False]])
+    with ForwardRecorder(tiny_dsl) as recorder:
+        denoiser = Denoiser(tiny_dsl, None, use_cache=True, synced_gpus=True)
+        assert denoiser.from_tokens(tokens, nothing).values.shape == (0, 0) and denoiser.nfe == 0  # both skip
+        other_rank.can_skip = False  # the other rank needs logits
+        logits = denoiser.from_tokens(tokens, nothing)
+        assert denoiser.nfe == 1 and torch.equal(recorder.calls[-1].keep, nothing) and logits.values.shape == (0, 32)
+        denoiser.from_tokens(tokens, some)
+        assert denoiser.nfe == 2 and torch.equal(recorder.calls[-1].keep, some)
+        covered = torch.tensor([[False, True, False, False]])
+        denoiser.from_tokens(tokens, covered)  # the cache covers it, but the other rank calls: so does this one
+        assert denoiser.nfe == 3 and torch.equal(recorder.calls[-1].keep, covered)
+        other_rank.can_skip = True
+        assert denoiser.from_tokens(tokens, covered).values.shape == (1, 32) and denoiser.nfe == 3  # reused
+    assert other_rank.votes == [True, True, False, True, True]
 
 
 @pytest.mark.parametrize("name", ["remdm-cap", "dsl-sde"])
