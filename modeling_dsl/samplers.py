@@ -22,7 +22,8 @@ Common conventions (METHOD.md section 4): the discrete time grid is `t_k = linsp
 top-k and top-p, then draw by Gumbel-max in float64 (or take the argmax with `do_sample=False`); top-p has
 transformers' meaning (keep mass >= p) unless `nucleus_rule="mdlm"` (the published rule: keep the tokens whose
 cumulative probability is <= p, the top-1 always kept); `[MASK]` is never sampled; a final noise-removal step fills
-any `[MASK]` left greedily. NFE counts real network calls.
+any `[MASK]` left greedily. NFE counts real network calls: with `logits_where_needed` (the default) a discrete step
+in which no position unmasks makes none (see [`MDLMSampler`]).
 
 Reproducibility: pass a list of `torch.Generator`s (one per row) and each row's draws depend on its own generator
 only, so a row sampled inside a (left-padded) batch equals the same row sampled alone with the same generator. A
@@ -328,10 +329,18 @@ def _max_over_ranks(value: int, device: torch.device) -> int:
 class KeptLogits:
     """Logits computed only where a sampler needs them (`forward(logits_to_keep=kept)`): `values` `[N, V]` at the
     positions of the `[batch, length]` bool map `kept`, row-major. Indexed like the full `[batch, length, V]` logits:
-    `logits[where]` gives the rows of the positions of `where`, which must lie inside `kept`."""
+    `logits[where]` gives the rows of the positions of `where`, which must lie inside `kept`.
+
+    When `kept` selects no position the [`Denoiser`] makes no network call and returns [`KeptLogits.empty`]: its
+    `values` are `[0, 0]` (the vocabulary width is not known without a call), and nothing can be read from it."""
 
     values: torch.Tensor
     kept: torch.BoolTensor
+
+    @classmethod
+    def empty(cls, kept: torch.BoolTensor) -> "KeptLogits":
+        """The logits of a call that was not made because `kept` selects no position."""
+        return cls(values=torch.empty(0, 0, device=kept.device), kept=kept)
 
     def __getitem__(self, where: torch.BoolTensor) -> torch.Tensor:
         if bool((where & ~self.kept).any()):
@@ -342,9 +351,12 @@ class KeptLogits:
 class Denoiser:
     """Calls the network, counts real calls (NFE) and keeps the discrete output cache.
 
-    The cache: when the token state is exactly the one of the previous call, the previous logits are reused (valid
-    because the network has no time input). Under `synced_gpus` a call is skipped only if every rank can skip it,
-    so every rank makes the same number of forward passes (ZeRO-3 gathers parameters collectively).
+    `from_tokens(tokens, keep)` makes no call when `keep` selects no position (nothing needs logits), nor, with the
+    cache, when the tokens are exactly those of the previous call and that call computed every position of `keep`
+    (the previous logits are reused: valid because the network has no time input). Under `synced_gpus` a call is
+    skipped only if every rank can skip it, so every rank makes the same number of forward passes (ZeRO-3 gathers
+    parameters collectively): a rank that needs no logits still calls the network, with its empty `keep`, while
+    another rank needs them.
 
     A token state always reaches the network as `input_ids`: the model knows whether its weights were trained on
     the converter at the SNR endpoints (DSL) or on table rows (MDLM) and shows the state accordingly. `endpoint_snr`
@@ -407,24 +419,35 @@ class Denoiser:
         return states * is_token[..., None]
 
     def from_tokens(self, tokens: torch.Tensor, keep: torch.BoolTensor | None = None) -> torch.Tensor | KeptLogits:
-        """Logits for a discrete state (cached), at the `[batch, length]` positions `keep` (None = everywhere)."""
-        reuse = (
-            self.use_cache
-            and self._cached_tokens is not None
-            and torch.equal(tokens, self._cached_tokens)
-            and (keep is None) == (self._cached_keep is None)
-            and (keep is None or torch.equal(keep, self._cached_keep))
-        )
-        if self.synced_gpus and self.use_cache:
-            reuse = all_ranks_agree(reuse, tokens.device)
-        if reuse:
-            return self._cached_logits
+        """Logits for a discrete state at the `[batch, length]` positions `keep` (None = everywhere); no call (an
+        empty [`KeptLogits`]) when `keep` selects nothing, and the cached logits when they cover the request."""
+        reuse = self.use_cache and self._cache_covers(tokens, keep)
+        skip = reuse or (keep is not None and not bool(keep.any()))
+        if self.synced_gpus and (self.use_cache or keep is not None):
+            # Both conditions come from the run's config, the same on every rank, so every rank votes at every call.
+            skip = all_ranks_agree(skip, tokens.device)
+        if skip:
+            return self._cached_logits if reuse else KeptLogits.empty(keep)
         endpoint_kwargs = {} if self.endpoint_snr is None else {"endpoint_snr": self.endpoint_snr}
         logits = self._forward(input_ids=tokens, logits_to_keep=keep, **endpoint_kwargs)
         if self.use_cache:
             self._cached_tokens, self._cached_logits = tokens.clone(), logits
-            self._cached_keep = None if keep is None else keep.clone()
+            # A model without `logits_to_keep` (or a compiled one) computed every position whatever `keep` asked.
+            self._cached_keep = logits.kept.clone() if isinstance(logits, KeptLogits) else None
         return logits
+
+    def _cache_covers(self, tokens: torch.Tensor, keep: torch.BoolTensor | None) -> bool:
+        """Whether the previous call's logits serve `tokens` at `keep`: the same tokens, and every position of
+        `keep` computed (every position, for `keep=None`)."""
+        if self._cached_tokens is None or not torch.equal(tokens, self._cached_tokens):
+            return False
+        if self._cached_keep is None:
+            return True
+        return keep is not None and not bool((keep & ~self._cached_keep).any())
+
+    def _forget_cached_logits(self) -> None:
+        """Drop the cached output (the network's input changed where the tokens did not)."""
+        self._cached_tokens = self._cached_keep = self._cached_logits = None
 
     def from_states(self, noisy_states: torch.Tensor) -> torch.Tensor:
         """Logits for continuous noisy states (never cached: z changes at every step)."""
@@ -567,10 +590,13 @@ class SamplingConfig:
             <= top_p, the top-1 always kept).
         s_hi: the SNR at which the model shows a decoded token (`endpoint_snr`; None = the model's default,
             `model.config.snr_max`). It matters for models whose `config.endpoint_inputs` is "converter".
-        logits_where_needed: ask the model for logits only at the positions whose next state depends on them
-            (`forward(logits_to_keep=...)`: the masked positions, or ROAR's one position per row), which skips the
-            output head elsewhere. The tokens drawn are the same; False computes every position's logits (models
-            whose `forward` has no `logits_to_keep` always do).
+        logits_where_needed: ask the model for logits only at the positions that draw a token
+            (`forward(logits_to_keep=...)`): those that unmask in this step (MDLM / ReMDM decide them before the
+            network call, as the decision never reads the logits), the `[MASK]`s left for the final noise removal,
+            or ROAR's one position per row. The output head is skipped elsewhere, and a step in which nothing
+            unmasks makes no network call at all. The tokens drawn are the same; the NFE can only be smaller (the
+            exact rule: [`MDLMSampler`]). False computes every position's logits at every step (models whose
+            `forward` has no `logits_to_keep` always compute them all, but skip the calls all the same).
         torch_compile: run the model's forward through `torch.compile` (inductor). The first call of a shape
             compiles (seconds on a GPU, a minute or more on a CPU); later calls and runs reuse it. Logits are then
             computed at every position: a data-dependent set of positions would break the compiled graph.
@@ -625,6 +651,10 @@ class TokenDraw:
 
     def draw(self, logits, where, tokens, noise: NoiseSource) -> tuple[torch.LongTensor, torch.Tensor]:
         """(tokens `[N]`, their sampling probabilities `[N]`): sampled, or the argmax when `do_sample=False`."""
+        if not bool(where.any()):
+            # Nothing to draw, so no logits to read: they may be an empty KeptLogits (no network call was made).
+            # Skipping consumes no randomness: an empty draw takes no numbers from a generator either.
+            return self._nothing(where.device)
         log_probs = self.log_probs(logits, where, tokens)
         if self.config.do_sample:
             new_tokens = gumbel_argmax(log_probs, noise.sample(where, (log_probs.shape[-1],)))
@@ -634,8 +664,14 @@ class TokenDraw:
 
     def best(self, logits, where, tokens) -> tuple[torch.LongTensor, torch.Tensor]:
         """(argmax tokens `[N]`, their probabilities `[N]`) of the sampling distribution (noise removal, commit)."""
+        if not bool(where.any()):
+            return self._nothing(where.device)
         best_log_probs, best_tokens = self.log_probs(logits, where, tokens).max(dim=-1)
         return best_tokens, best_log_probs.exp()
+
+    @staticmethod
+    def _nothing(device) -> tuple[torch.LongTensor, torch.Tensor]:
+        return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.float64, device=device)
 
 
 @dataclass
@@ -645,7 +681,8 @@ class MDLMConfig(SamplingConfig):
     Args:
         num_steps: T >= 1 steps on `linspace(1, t_min, T + 1)`.
         t_min: last time of the grid, in (0, 1) (MDLM: 1e-5).
-        use_cache: reuse the network output when no token changed since the previous call.
+        use_cache: reuse the previous network output when the tokens are those of its call and it computed every
+            position needed (with `logits_where_needed`, that takes ReMDM remasking everything decoded since).
     """
 
     num_steps: int = 128
@@ -974,6 +1011,19 @@ def _initial_confidences(inputs: SamplerInputs) -> torch.Tensor:
 
 
 @dataclass
+class StepPlan:
+    """Which positions a discrete step changes, decided before its network call (see [`MDLMSampler.plan_step`]).
+
+    Attributes:
+        unmask: `[B, L]` masked positions that draw a token in this step: the only logits the step reads.
+        remask: `[B, L]` decoded positions that return to `[MASK]` (ReMDM).
+    """
+
+    unmask: torch.BoolTensor
+    remask: torch.BoolTensor
+
+
+@dataclass
 class DiscreteState:
     """State of the discrete samplers.
 
@@ -985,6 +1035,7 @@ class DiscreteState:
         noise: the random source.
         draw: the categorical draw (sampling distribution, greedy or sampled).
         step_index: the next step to take.
+        plan: the next step's [`StepPlan`] once `plan_step` has drawn it (None otherwise; `step` consumes it).
     """
 
     tokens: torch.LongTensor
@@ -995,12 +1046,27 @@ class DiscreteState:
     mask_token_id: int
     draw: TokenDraw
     step_index: int = 0
+    plan: StepPlan | None = None
 
 
 class MDLMSampler(DiffusionSampler):
     """MDLM ancestral sampling: a masked token unmasks from t to s with probability (alpha_s - alpha_t) /
     (1 - alpha_t), drawing from p_theta; decoded tokens are kept. This is the ReMDM posterior with sigma = 0.
-    With `use_cache`, a step in which no token changed reuses the previous network output."""
+
+    A step is `plan_step(state)` (which positions unmask and remask: random, but independent of the logits) then
+    `step(state, logits)` (draw the new tokens), so that the network is asked for logits only where a token is
+    drawn (`logits_where_needed`) and not at all when nothing is.
+
+    NFE (real network calls). With `logits_where_needed=False`, every step calls the network, and so does the final
+    noise removal when a `[MASK]` is left (T or T + 1 calls), except that with `use_cache` a call whose tokens are
+    exactly those of the previous call reuses its output. With `logits_where_needed=True` (the default) a step
+    calls the network only if at least one position unmasks in it, and the noise removal only if a `[MASK]` is left:
+    NFE = (steps that unmask at least one position) + (1 if a `[MASK]` is left after the last step), less the cache
+    hits (tokens equal to the previous call's and the positions needed among its kept ones, which only ReMDM's
+    remasking of everything decoded since that call brings about). The samples are the same either way, and the NFE
+    is never larger: a step that unmasks changes the tokens, so between two such steps (or such a step and the noise
+    removal) the run with full logits made a call of its own too. Under `synced_gpus` a call is made whenever any
+    rank needs one."""
 
     name = "mdlm"
     config_class = MDLMConfig
@@ -1026,9 +1092,12 @@ class MDLMSampler(DiffusionSampler):
             draw=TokenDraw(self.config, logits_processor),
         )
 
-    def step(self, state: DiscreteState, logits: torch.Tensor) -> DiscreteState:
-        """One ReMDM/MDLM step t_k -> t_{k+1}: decoded tokens are remasked with probability sigma; masked tokens
-        unmask with probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), drawing from p_theta."""
+    def plan_step(self, state: DiscreteState) -> DiscreteState:
+        """Decide step t_k -> t_{k+1}'s changes before its network call: a decoded token is remasked with
+        probability sigma, a masked token unmasks with probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t).
+        Neither reads the logits (every sigma, "conf" included, depends on the stored confidences only), so the
+        uniforms are drawn here, the step's first draw as always, and `step` reads the logits only at the
+        unmasking positions. Returns the state with `plan` set."""
         k = state.step_index
         t, s = state.times[:, k : k + 1], state.times[:, k + 1 : k + 2]
         alpha_t, alpha_s, sigma = self.schedule(t, s, state)
@@ -1039,16 +1108,25 @@ class MDLMSampler(DiffusionSampler):
         # One uniform per writable position decides both remasking (decoded) and unmasking (masked).
         uniforms = state.noise.uniform_map(state.generatable)
         unmask_prob = ((alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
-        remask = decoded & (uniforms < sigma)
-        unmask = masked & (uniforms < unmask_prob)
+        plan = StepPlan(unmask=masked & (uniforms < unmask_prob), remask=decoded & (uniforms < sigma))
+        return dataclasses.replace(state, plan=plan)
 
+    def step(self, state: DiscreteState, logits: torch.Tensor | KeptLogits) -> DiscreteState:
+        """One ReMDM/MDLM step t_k -> t_{k+1}: the planned positions unmask, drawing from p_theta, and the planned
+        decoded tokens are remasked. `logits`: `[B, L, V]`, or [`KeptLogits`] covering `state.plan.unmask`. A
+        state without a plan is planned here first (the same draws, in the same order)."""
+        if state.plan is None:
+            state = self.plan_step(state)
+        plan = state.plan
         tokens, confidences = state.tokens.clone(), state.confidences.clone()
-        new_tokens, new_probs = state.draw.draw(logits, unmask, state.tokens, state.noise)
-        tokens[unmask], confidences[unmask] = new_tokens, new_probs
-        tokens[remask], confidences[remask] = state.mask_token_id, 0.0
-        return dataclasses.replace(state, tokens=tokens, confidences=confidences, step_index=k + 1)
+        new_tokens, new_probs = state.draw.draw(logits, plan.unmask, state.tokens, state.noise)
+        tokens[plan.unmask], confidences[plan.unmask] = new_tokens, new_probs
+        tokens[plan.remask], confidences[plan.remask] = state.mask_token_id, 0.0
+        return dataclasses.replace(
+            state, tokens=tokens, confidences=confidences, step_index=state.step_index + 1, plan=None
+        )
 
-    def remove_noise(self, state: DiscreteState, logits: torch.Tensor) -> DiscreteState:
+    def remove_noise(self, state: DiscreteState, logits: torch.Tensor | KeptLogits) -> DiscreteState:
         """Fill every `[MASK]` left with the argmax of p_theta."""
         where = state.generatable & (state.tokens == state.mask_token_id)
         best_tokens, best_probs = state.draw.best(logits, where, state.tokens)
@@ -1057,10 +1135,12 @@ class MDLMSampler(DiffusionSampler):
         return dataclasses.replace(state, tokens=tokens, confidences=confidences)
 
     def logits_needed(self, state: DiscreteState) -> torch.BoolTensor | None:
-        """Where the next step reads the logits: only masked positions draw a token (remasking and every ReMDM
-        sigma, "conf" included, read the stored confidences, never the logits). None = everywhere."""
+        """Where the next network call's logits are read (None = everywhere, with `logits_where_needed=False`): the
+        planned step's unmasking positions, or, without a plan (the final noise removal), every masked position."""
         if not self.config.logits_where_needed:
             return None
+        if state.plan is not None:
+            return state.plan.unmask
         return state.generatable & (state.tokens == state.mask_token_id)
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -1069,6 +1149,7 @@ class MDLMSampler(DiffusionSampler):
         """Run the T steps from `state` (then the final noise removal, folded into the last step)."""
         num_steps = state.times.shape[-1] - 1
         for k in range(num_steps):
+            state = self.plan_step(state)
             state = self.step(state, denoiser.from_tokens(state.tokens, self.logits_needed(state)))
             if k == num_steps - 1:
                 any_masked = bool((state.generatable & (state.tokens == state.mask_token_id)).any())
@@ -1382,13 +1463,23 @@ class EvidenceDenoiser(Denoiser):
         self.evidence_states = evidence_states
         self.evidence_positions = evidence_positions.clone()
 
+    def from_tokens(self, tokens: torch.Tensor, keep: torch.BoolTensor | None = None) -> torch.Tensor | KeptLogits:
+        # Spend the evidence of the positions decoded since the previous step here, at every step, not only at
+        # network calls: a step that unmasks nothing makes no call, and a token decoded then remasked between two
+        # calls must come back at 0. The network's input then changed where the tokens may be back to those of
+        # the cached call, so the cached logits no longer apply.
+        still_masked = self.evidence_positions & (tokens == self.mask_token_id)
+        if not torch.equal(still_masked, self.evidence_positions):
+            self.evidence_positions = still_masked
+            self._forget_cached_logits()
+        return super().from_tokens(tokens, keep)
+
     def _forward(self, input_ids=None, noisy_states=None, logits_to_keep=None):
         if input_ids is not None:
             noisy_states = self.states_with_evidence(input_ids)
         return super()._forward(noisy_states=noisy_states, logits_to_keep=logits_to_keep)
 
     def states_with_evidence(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.evidence_positions &= tokens == self.mask_token_id
         states = self.tokens_to_states(tokens)
         return torch.where(self.evidence_positions[..., None], self.evidence_states.to(states.dtype), states)
 
@@ -1397,7 +1488,9 @@ class HybridSampler(DiffusionSampler):
     """Continuous then discrete (DSL paper, T = 48): the SDE for T_c steps up to SNR s*; commit the confident
     positions (a token drawn from p(x | z), or its argmax: `commit_mode`) and mask the rest (keeping their z as
     evidence with `commit_mode="evidence"`); finish with T_d = T - T_c discrete MDLM / ReMDM steps started at each
-    row's masked fraction. NFE = T_c + 1 (SDE and commit) + T_d (+ 1 if the final noise removal is needed)."""
+    row's masked fraction. NFE = T_c + 1 (SDE and commit) + the discrete phase's calls: T_d (+ 1 if the final noise
+    removal is needed) with `logits_where_needed=False` and no cache hit, else only the discrete steps that unmask
+    a position (+ 1), as in [`MDLMSampler`]."""
 
     name = "hybrid"
     config_class = HybridConfig
@@ -1564,6 +1657,8 @@ __all__ = [
     "DSLSDESampler",
     "HybridSampler",
     "DiscreteState",
+    "StepPlan",
+    "KeptLogits",
     "ContinuousState",
     "ROARState",
     "NoiseSource",

@@ -82,7 +82,9 @@ class SamplerArguments:
     discrete_strategy: str | None = field(default=None, metadata={"help": "Hybrid: mdlm, cap, rescale, conf or loop."})
     discrete_t_start: float | None = field(default=None, metadata={"help": "Hybrid: start time of the discrete phase."})
     logits_where_needed: bool | None = field(
-        default=None, metadata={"help": "Output head only where a step draws (default True; the same tokens)."}
+        default=None,
+        metadata={"help": "Output head only where a step draws (default True; the same tokens, no call in a step that "
+                          "unmasks nothing)."},
     )
     torch_compile: bool | None = field(
         default=None, metadata={"help": "Run the forward through torch.compile (compiles on the first call)."}

@@ -42,6 +42,8 @@ def test_bench_speed_reports_every_sampler_and_section(tmp_path, bench_speed):
         assert settings in (["default"], ["after", "before"]), name
         for setting in settings:
             assert entry[setting]["nfe"] > 0 and positive(entry[setting]["per_nfe_over_forward"]["median"]), (name, setting)
+        if "after" in entry:
+            assert entry["after"]["nfe"] <= entry["before"]["nfe"] and positive(entry["run_before_over_after"]["median"])
     assert all(positive(value["median"]) for value in report["forward"]["tiny"]["ratios"].values())
     training = report["training"]["tiny"]
     assert positive(training["dsl_over_mdlm"]["median"])

@@ -10,9 +10,11 @@ chi-square goodness-of-fit test at significance 1e-3 on the joint distribution o
 controls (a sampler that must be wrong) check that the test has the power to notice.
 """
 
+import dataclasses
 import itertools
 import math
 import os
+import sys
 import tempfile
 from types import SimpleNamespace
 
@@ -23,6 +25,7 @@ from scipy import stats
 from torch import nn
 
 from dsl_diffusion.pipelines.samplers import (
+    Denoiser,
     DSLSDESampler,
     EvidenceDenoiser,
     HybridConfig,
@@ -39,6 +42,7 @@ from dsl_diffusion.pipelines.samplers import (
     gumbel_argmax,
     get_sampler,
     nucleus_kept,
+    prepare_inputs,
     sampling_log_probs,
     snr_grid,
     time_grid,
@@ -611,12 +615,17 @@ def test_hybrid_evidence_commit_is_exact_on_a_product_law_and_the_others_are_bia
     assert distances["sample"] > 3 * distances["evidence"] and distances["argmax"] > 3 * distances["evidence"]
 
 
-def test_hybrid_nfe_and_trajectory(markov):
-    sampler = HybridSampler(num_steps=12, continuous_steps=4, snr_star=20.0, use_cache=False)
-    out = sample(sampler, markov, batch_size=8, return_trajectory=True)
-    # T_c SDE steps + the commit posterior + T_d discrete steps (+ at most one noise-removal call)
+def test_hybrid_nfe_and_trajectory(markov, discrete_steps):
+    full = HybridSampler(num_steps=12, continuous_steps=4, snr_star=20.0, use_cache=False, logits_where_needed=False)
+    out = sample(full, markov, batch_size=8, return_trajectory=True)
+    # full logits: T_c SDE steps + the commit posterior + T_d discrete steps (+ at most one noise-removal call)
     assert out.nfe in (4 + 1 + 8, 4 + 1 + 8 + 1)
     assert len(out.trajectory) == 12 and torch.equal(out.trajectory[-1], out.sequences)
+    # logits where needed: only the discrete steps that unmask a position (and the noise removal) call
+    discrete_steps.clear()
+    kept = sample(HybridSampler(num_steps=12, continuous_steps=4, snr_star=20.0, use_cache=False), markov, batch_size=8)
+    unmasking = sum(bool(drawn_positions(before, after, 3).any()) for before, after in discrete_steps)
+    assert kept.nfe == 4 + 1 + unmasking <= out.nfe and torch.equal(kept.sequences, out.sequences)
 
 
 def test_hybrid_with_a_near_clean_commit_converges_as_the_continuous_phase_is_refined(independent):
@@ -636,10 +645,13 @@ def test_hybrid_with_a_near_clean_commit_converges_as_the_continuous_phase_is_re
 
 @pytest.mark.parametrize("name", ["mdlm", "remdm-cap", "remdm-loop"])
 def test_cache_gives_identical_samples_with_fewer_real_calls(markov, name):
+    """With full logits every step calls the network, unless its tokens are those of the previous call. (With
+    `logits_where_needed` a step calls only when a position unmasks, which changes the tokens: see
+    test_a_step_that_unmasks_nothing_makes_no_network_call.)"""
     results = {}
     for use_cache in (True, False):
         markov.calls = 0
-        sampler = get_sampler(name, num_steps=64, use_cache=use_cache)
+        sampler = get_sampler(name, num_steps=64, use_cache=use_cache, logits_where_needed=False)
         out = sample(sampler, markov, seed=8, batch_size=3)
         assert out.nfe == markov.calls  # NFE counts real network calls
         results[use_cache] = out
@@ -709,39 +721,253 @@ def test_same_seed_same_samples(tiny_dsl, name):
     assert not torch.equal(runs[0].sequences, runs[2].sequences)
 
 
-@pytest.mark.parametrize("name", [name for name in ALL_SAMPLERS if name != "dsl-sde"])
+# Every discrete sampler: MDLM, each ReMDM strategy, the hybrid's discrete phase with each commit mode (and with
+# ReMDM), and ROAR; T = 24 steps (the hybrid: 12 discrete) for the 16 positions of each row of `prompted_batch`.
+DISCRETE_SAMPLERS = {
+    "mdlm": lambda: MDLMSampler(num_steps=24),
+    "remdm-cap": lambda: ReMDMSampler(strategy="cap", eta=0.5, num_steps=24),
+    "remdm-rescale": lambda: ReMDMSampler(strategy="rescale", eta=1.0, num_steps=24),  # remasks the most
+    "remdm-conf": lambda: ReMDMSampler(strategy="conf", num_steps=24),
+    "remdm-loop": lambda: ReMDMSampler(strategy="loop", eta=0.1, num_steps=24),
+    "remdm-s_hi": lambda: ReMDMSampler(strategy="cap", num_steps=24, s_hi=30.0),
+    "hybrid-evidence": lambda: HybridSampler(num_steps=24, commit_rule="top_fraction", commit_mode="evidence"),
+    "hybrid-sample": lambda: HybridSampler(num_steps=24, commit_rule="top_fraction", commit_mode="sample"),
+    "hybrid-argmax": lambda: HybridSampler(num_steps=24, commit_rule="top_fraction", commit_mode="argmax"),
+    "hybrid-remdm-conf": lambda: HybridSampler(num_steps=24, commit_rule="top_fraction", discrete_strategy="conf"),
+    "roar": lambda: ROARSampler(),
+}
+
+
+def prompted_batch(mask_token_id):
+    """3 rows of 20 positions, a 4-token prompt: fixed positions never need logits."""
+    input_ids = torch.full((3, 20), mask_token_id)
+    input_ids[:, :4] = torch.tensor([3, 1, 4, 1])
+    return input_ids
+
+
+class ForwardRecorder:
+    """Wraps a model's forward (as an instance attribute) and records every call: `logits_to_keep` when it is a
+    `[batch, length]` map (None when every position's logits were asked for) and `input_ids` (None on the noisy-
+    states path)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __enter__(self):
+        forward = self.model.forward
+
+        def recording_forward(*args, logits_to_keep=0, input_ids=None, **kwargs):
+            kept = logits_to_keep.clone() if torch.is_tensor(logits_to_keep) else None
+            self.calls.append(SimpleNamespace(keep=kept, input_ids=None if input_ids is None else input_ids.clone()))
+            return forward(*args, logits_to_keep=logits_to_keep, input_ids=input_ids, **kwargs)
+
+        self.model.forward = recording_forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+@pytest.fixture
+def discrete_steps(monkeypatch):
+    """Records every discrete step and final noise removal of a run (the hybrid's discrete phase included), in
+    order: (tokens before, tokens after)."""
+    events = []
+    step, remove_noise = MDLMSampler.step, MDLMSampler.remove_noise
+
+    def recording(method):
+        def recorded(self, state, logits):
+            after = method(self, state, logits)
+            events.append((state.tokens.clone(), after.tokens.clone()))
+            return after
+
+        return recorded
+
+    monkeypatch.setattr(MDLMSampler, "step", recording(step))
+    monkeypatch.setattr(MDLMSampler, "remove_noise", recording(remove_noise))
+    return events
+
+
+def drawn_positions(before, after, mask_token_id):
+    """The positions whose token changed from `[MASK]`: where a step (or the noise removal) drew a token."""
+    return (before == mask_token_id) & (after != mask_token_id)
+
+
+@pytest.mark.parametrize("name", DISCRETE_SAMPLERS)
 def test_logits_only_where_needed_draw_the_same_samples_as_full_logits(tiny_dsl, name):
-    """`logits_where_needed` (the default) asks the model for logits only at the positions a step draws from and
-    gives the very same samples, confidences and NFE as full logits under the same seeds; the output head then runs
-    on far fewer positions (ROAR: one per row and call)."""
-    mask = tiny_dsl.config.mask_token_id
-    input_ids = torch.full((3, 20), mask)
-    input_ids[:, :4] = torch.tensor([3, 1, 4, 1])  # a prompt: fixed positions never need logits
-    kept_positions, forward = [], tiny_dsl.forward
-
-    def counting_forward(*args, logits_to_keep=0, **kwargs):
-        kept_positions.append(int(logits_to_keep.sum()) if torch.is_tensor(logits_to_keep) else input_ids.numel())
-        return forward(*args, logits_to_keep=logits_to_keep, **kwargs)
-
+    """`logits_where_needed` (the default) gives the very same samples and confidences as full logits under the
+    same seeds, with no more network calls (fewer whenever a step unmasks nothing), and the output head runs on
+    far fewer positions (ROAR: one per row and call, the same calls)."""
+    input_ids = prompted_batch(tiny_dsl.config.mask_token_id)
     runs = {}
     for where_needed in (False, True):
-        kept_positions.clear()
-        sampler = ALL_SAMPLERS[name]()
+        sampler = DISCRETE_SAMPLERS[name]()
         sampler.config.logits_where_needed = where_needed
-        tiny_dsl.forward = counting_forward
-        try:
+        with ForwardRecorder(tiny_dsl) as recorder:
             out = sampler.run(
                 tiny_dsl, input_ids, generator=row_generators([5, 6, 7]), return_confidences=True, progress_bar=False
             )
-        finally:
-            del tiny_dsl.forward
-        runs[where_needed] = (out, sum(kept_positions))
-    (full, full_positions), (kept, kept_total) = runs[False], runs[True]
-    assert torch.equal(kept.sequences, full.sequences) and kept.nfe == full.nfe
+        assert out.nfe == len(recorder.calls)
+        positions = sum(input_ids.numel() if call.keep is None else int(call.keep.sum()) for call in recorder.calls)
+        runs[where_needed] = (out, positions)
+    (full, full_positions), (kept, kept_positions) = runs[False], runs[True]
+    assert torch.equal(kept.sequences, full.sequences)
+    # the output head on a subset of positions may round differently in the last bit
     torch.testing.assert_close(kept.confidences, full.confidences)
-    assert kept_total < full_positions
+    assert kept_positions < full_positions
     if name == "roar":
-        assert kept_total == 3 * 16  # one position per row and call
+        assert kept.nfe == full.nfe and kept_positions == 3 * 16  # one position per row and call
+    else:
+        assert kept.nfe <= full.nfe
+
+
+@pytest.mark.parametrize("name", [name for name in DISCRETE_SAMPLERS if name != "roar"])
+def test_each_call_asks_for_the_logits_of_the_positions_its_step_unmasks(tiny_dsl, discrete_steps, name):
+    """Every discrete network call asks for logits exactly at the positions whose token changes from `[MASK]` in
+    its step (for the last call, the noise removal's), on the tokens that step starts from; a step that unmasks
+    nothing makes no call. So NFE = (steps that unmask something) + (the noise removal, if a `[MASK]` was left),
+    plus the hybrid's T_c SDE calls and its commit call. (Without the output cache, whose hits would only remove
+    calls: see test_denoiser_skips_calls_that_need_no_logits_and_reuses_covering_ones.) One row over T = 64
+    steps, so that some steps unmask nothing."""
+    mask = tiny_dsl.config.mask_token_id
+    input_ids = prompted_batch(mask)[:1]
+    sampler = DISCRETE_SAMPLERS[name]()
+    sampler.config = dataclasses.replace(sampler.config, num_steps=64, use_cache=False)
+    with ForwardRecorder(tiny_dsl) as recorder:
+        out = sampler.run(tiny_dsl, input_ids, generator=row_generators([5]), progress_bar=False)
+    discrete_calls = [call for call in recorder.calls if call.keep is not None]
+    continuous_calls = len(recorder.calls) - len(discrete_calls)
+    expected = [(before, drawn_positions(before, after, mask)) for before, after in discrete_steps]
+    expected = [(before, drawn) for before, drawn in expected if drawn.any()]
+    assert len(discrete_calls) == len(expected) < len(discrete_steps)  # some steps unmask nothing: no call
+    for call, (before, drawn) in zip(discrete_calls, expected):
+        assert torch.equal(call.keep, drawn)
+        if call.input_ids is not None:  # the hybrid's evidence mode shows noisy states instead
+            assert torch.equal(call.input_ids, before)
+    assert continuous_calls == (sampler.config.continuous_steps + 1 if name.startswith("hybrid") else 0)
+    assert out.nfe == continuous_calls + len(expected)
+
+
+@pytest.mark.parametrize("name", ["mdlm", "remdm-cap", "remdm-loop"])
+def test_a_step_that_unmasks_nothing_makes_no_network_call(markov, discrete_steps, name):
+    """One row of 3 positions over T = 64 steps: most steps unmask nothing and make no call, even on a model
+    without `logits_to_keep` (the toy, which computes every position whenever it is called). NFE is the number of
+    steps that unmask (+ the noise removal if a `[MASK]` was left); with full logits (and no cache) it is T (+ 1).
+    Without the cache, whose hits would only remove calls."""
+    nfe = {}
+    for where_needed in (True, False):
+        discrete_steps.clear()
+        markov.calls = 0
+        sampler = get_sampler(name, num_steps=64, logits_where_needed=where_needed, use_cache=False)
+        out = sample(sampler, markov, seed=9, batch_size=1)
+        assert out.nfe == markov.calls
+        assert len(discrete_steps) in (64, 65)  # every step ran (and the noise removal, when needed)
+        nfe[where_needed] = out.nfe
+        if where_needed:
+            unmasking = sum(bool(drawn_positions(before, after, 3).any()) for before, after in discrete_steps)
+            assert out.nfe == unmasking
+        else:
+            assert out.nfe == len(discrete_steps)
+    assert nfe[True] < nfe[False]
+    if name == "mdlm":  # no remasking: each position unmasks once, in at most 3 steps (+ the removal)
+        assert nfe[True] <= 4
+
+
+def test_step_without_a_plan_draws_what_the_planned_step_draws(tiny_dsl):
+    """`step(state, full_logits)` in a user's own loop plans the step itself: the same tokens and confidences as
+    `plan_step`, then the logits of the unmasking positions only (`Denoiser.from_tokens(tokens, keep)`)."""
+    sampler = ReMDMSampler(strategy="conf", num_steps=6)
+    inputs = prepare_inputs(tiny_dsl, batch_size=2, seq_len=10)
+    mask = tiny_dsl.config.mask_token_id
+    states = [
+        sampler.init_state(inputs, NoiseSource(torch.Generator().manual_seed(4), 2, torch.device("cpu")), mask)
+        for _ in range(2)
+    ]
+    denoiser = Denoiser(tiny_dsl, None)
+    with torch.no_grad():
+        for _ in range(6):
+            unplanned, planned = states
+            unplanned = sampler.step(unplanned, tiny_dsl(input_ids=unplanned.tokens).logits)
+            planned = sampler.plan_step(planned)
+            assert planned.plan is not None and not (planned.plan.unmask & planned.plan.remask).any()
+            planned = sampler.step(planned, denoiser.from_tokens(planned.tokens, sampler.logits_needed(planned)))
+            assert planned.plan is None  # consumed
+            assert torch.equal(unplanned.tokens, planned.tokens)
+            torch.testing.assert_close(unplanned.confidences, planned.confidences)
+            states = [unplanned, planned]
+    assert (planned.tokens != mask).any() and denoiser.nfe <= 6
+    # the last step (to t_min) unmasks nearly every masked position: logits that do not cover them are an error
+    noise = NoiseSource(torch.Generator().manual_seed(0), 2, torch.device("cpu"))
+    last = sampler.plan_step(dataclasses.replace(sampler.init_state(inputs, noise, mask), step_index=5))
+    assert last.plan.unmask.any()
+    empty = Denoiser(tiny_dsl, None).from_tokens(last.tokens, torch.zeros_like(last.tokens, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="not computed"):
+        sampler.step(last, empty)
+
+
+def test_denoiser_skips_calls_that_need_no_logits_and_reuses_covering_ones(tiny_dsl):
+    """`from_tokens(tokens, keep)`: no call (an empty KeptLogits, no NFE) when `keep` selects nothing; with the
+    cache, the previous logits when the tokens are unchanged and `keep` lies within the positions it computed."""
+    mask = tiny_dsl.config.mask_token_id
+    tokens = torch.tensor([[3, mask, mask, mask], [mask, 5, mask, mask]])
+    nothing = torch.zeros_like(tokens, dtype=torch.bool)
+    some = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    with ForwardRecorder(tiny_dsl) as recorder:
+        denoiser = Denoiser(tiny_dsl, None, use_cache=True)
+        empty = denoiser.from_tokens(tokens, nothing)
+        assert denoiser.nfe == 0 and recorder.calls == [] and empty.values.shape == (0, 0)
+        assert empty[nothing].numel() == 0
+        with pytest.raises(RuntimeError, match="not computed"):
+            empty[some]
+        logits = denoiser.from_tokens(tokens, some)
+        assert denoiser.nfe == 1 and torch.equal(recorder.calls[-1].keep, some) and logits.values.shape == (3, 32)
+        subset = some & torch.tensor([[False, True, False, False], [True, False, False, False]])
+        assert denoiser.from_tokens(tokens, subset) is logits and denoiser.nfe == 1  # covered: reused
+        assert denoiser.from_tokens(tokens, nothing) is logits and denoiser.nfe == 1
+        beyond = some | (tokens == mask)
+        denoiser.from_tokens(tokens, beyond)  # a position not computed: a call
+        assert denoiser.nfe == 2 and torch.equal(recorder.calls[-1].keep, beyond)
+        denoiser.from_tokens(tokens)  # every position asked for: a call
+        changed = tokens.clone()
+        changed[0, 1] = 7
+        full = denoiser.from_tokens(changed)
+        assert denoiser.nfe == 4 and torch.is_tensor(full)
+        assert denoiser.from_tokens(changed, some) is full and denoiser.nfe == 4  # full logits cover any keep
+        no_cache = Denoiser(tiny_dsl, None)
+        no_cache.from_tokens(tokens, some)
+        no_cache.from_tokens(tokens, some)
+        assert no_cache.from_tokens(tokens, nothing).values.shape == (0, 0) and no_cache.nfe == 2
+
+
+def test_evidence_is_spent_at_every_step_not_only_at_network_calls():
+    """In the hybrid's evidence mode a position decoded in a step that makes no call, then remasked, comes back
+    at 0 (its evidence spent), even when the tokens are back to those of the cached call."""
+    seen = []
+
+    class Recorder(nn.Module):
+        config = SimpleNamespace(mask_token_id=4, vocab_size=4)
+        directions = F.normalize(torch.arange(1.0, 13.0).view(4, 3), dim=-1)
+
+        def forward(self, noisy_states=None, attention_mask=None):
+            seen.append(noisy_states.clone())
+            return SimpleNamespace(logits=torch.zeros(*noisy_states.shape[:2], 4))
+
+        def token_directions(self):
+            return self.directions
+
+    evidence = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0))
+    denoiser = EvidenceDenoiser(
+        Recorder(), None, evidence_states=evidence, evidence_positions=torch.ones(1, 4, dtype=torch.bool),
+        s_hi=50.0, use_cache=True,
+    )
+    masked = torch.tensor([[4, 4, 4, 4]])
+    denoiser.from_tokens(masked, torch.tensor([[True, False, False, False]]))
+    torch.testing.assert_close(seen[-1][0, 1], evidence[0, 1])
+    denoiser.from_tokens(torch.tensor([[4, 2, 4, 4]]), torch.zeros(1, 4, dtype=torch.bool))  # no call
+    assert denoiser.nfe == 1
+    denoiser.from_tokens(masked, torch.tensor([[True, False, False, False]]))  # position 1 remasked
+    assert denoiser.nfe == 2, "the cached logits were computed with position 1's evidence: stale"
+    assert torch.equal(seen[-1][0, 1], torch.zeros(3)) and torch.equal(seen[-1][0, 2], evidence[0, 2])
 
 
 def test_trajectory_callback_and_confidences(independent):
@@ -846,7 +1072,7 @@ def _distributed_worker(rank, world_size, init_file, result_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         toy = markov_toy(MARKOV_INITIAL, MARKOV_TRANSITION, length=3)
-        # rank 0 has nothing to generate (its state never changes: cache hits, no ROAR step), rank 1 fills 3
+        # rank 0 has nothing to generate (no logits needed: no MDLM call, no ROAR step), rank 1 fills 3
         input_ids = torch.tensor([[0, 2, 1]]) if rank == 0 else torch.tensor([[3, 3, 3]])
         calls = {}
         for name, synced in (("mdlm", True), ("mdlm", False), ("roar", True), ("roar", False)):
@@ -867,11 +1093,79 @@ def test_synced_gpus_makes_every_rank_run_the_same_number_of_forward_passes():
         init_file, result_file = os.path.join(folder, "init"), os.path.join(folder, "result.pt")
         torch.multiprocessing.spawn(_distributed_worker, args=(2, init_file, result_file), nprocs=2, join=True)
         rank0, rank1 = torch.load(result_file)
-    assert rank0["mdlm-True"] == rank1["mdlm-True"] >= 2
+    # rank 0 calls whenever rank 1 needs logits (it needs none itself: its calls keep no position)
+    assert rank0["mdlm-True"] == rank1["mdlm-True"] == rank1["mdlm-False"] >= 1
     assert rank0["roar-True"] == rank1["roar-True"] == 3
     # the control: without syncing, rank 0 would skip calls that rank 1 makes (a ZeRO-3 deadlock)
-    assert rank0["mdlm-False"] == 1 < rank1["mdlm-False"]
+    assert rank0["mdlm-False"] == 0 < rank1["mdlm-False"]
     assert rank0["roar-False"] == 0 and rank1["roar-False"] == 3
+
+
+@pytest.fixture
+def other_rank(monkeypatch):
+    """Simulates a second rank's vote in `all_ranks_agree` (single process): `other_rank.can_skip` is its flag,
+    `other_rank.votes` this rank's flags, in order."""
+    state = SimpleNamespace(can_skip=True, votes=[])
+
+    def all_ranks_agree(flag, device):
+        state.votes.append(flag)
+        return flag and state.can_skip
+
+    monkeypatch.setattr(sys.modules[Denoiser.__module__], "all_ranks_agree", all_ranks_agree)
+    return state
+
+
+def test_synced_gpus_skips_a_call_only_when_every_rank_can(tiny_dsl, other_rank):
+    """Under synced_gpus a rank votes to skip a call it does not need (nothing to keep, or covered by the cache),
+    and skips it only if the other rank can too; otherwise it calls the network with its empty or covered `keep`,
+    so that every rank makes the same number of forward passes."""
+    mask = tiny_dsl.config.mask_token_id
+    tokens = torch.tensor([[3, mask, mask, mask]])
+    nothing = torch.zeros_like(tokens, dtype=torch.bool)
+    some = torch.tensor([[False, True, True, False]])
+    with ForwardRecorder(tiny_dsl) as recorder:
+        denoiser = Denoiser(tiny_dsl, None, use_cache=True, synced_gpus=True)
+        assert denoiser.from_tokens(tokens, nothing).values.shape == (0, 0) and denoiser.nfe == 0  # both skip
+        other_rank.can_skip = False  # the other rank needs logits
+        logits = denoiser.from_tokens(tokens, nothing)
+        assert denoiser.nfe == 1 and torch.equal(recorder.calls[-1].keep, nothing) and logits.values.shape == (0, 32)
+        denoiser.from_tokens(tokens, some)
+        assert denoiser.nfe == 2 and torch.equal(recorder.calls[-1].keep, some)
+        covered = torch.tensor([[False, True, False, False]])
+        denoiser.from_tokens(tokens, covered)  # the cache covers it, but the other rank calls: so does this one
+        assert denoiser.nfe == 3 and torch.equal(recorder.calls[-1].keep, covered)
+        other_rank.can_skip = True
+        assert denoiser.from_tokens(tokens, covered).values.shape == (1, 32) and denoiser.nfe == 3  # reused
+    assert other_rank.votes == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("name", ["mdlm", "remdm-conf", "hybrid-sample", "hybrid-evidence"])
+def test_a_synced_rank_calls_whenever_another_rank_needs_logits(tiny_dsl, other_rank, name):
+    """A whole run under synced_gpus: while another rank needs logits at every step (and the noise removal), this
+    rank calls the network at every step, with empty `keep`s where it needs nothing, and samples exactly what it
+    samples alone; when the other rank needs nothing, it makes exactly its own calls."""
+    input_ids = prompted_batch(tiny_dsl.config.mask_token_id)
+
+    def run(synced_gpus):
+        return DISCRETE_SAMPLERS[name]().run(
+            tiny_dsl, input_ids, generator=row_generators([5, 6, 7]), return_confidences=True, progress_bar=False,
+            synced_gpus=synced_gpus,
+        )
+
+    alone = run(synced_gpus=False)
+    with ForwardRecorder(tiny_dsl) as recorder:
+        other_rank.can_skip = False
+        busy = run(synced_gpus=True)
+    other_rank.can_skip = True
+    idle = run(synced_gpus=True)
+    # the hybrid: T_c = 24 // 2 SDE steps and the commit's call, then T_d = 12 discrete steps
+    continuous_calls, num_discrete_steps = (12 + 1, 12) if name.startswith("hybrid") else (0, 24)
+    assert busy.nfe == continuous_calls + num_discrete_steps + 1 > alone.nfe  # every step and the noise removal
+    assert any(call.keep is not None and not call.keep.any() for call in recorder.calls)
+    assert idle.nfe == alone.nfe
+    for out in (busy, idle):
+        assert torch.equal(out.sequences, alone.sequences)
+        torch.testing.assert_close(out.confidences, alone.confidences)
 
 
 @pytest.mark.parametrize("name", ["remdm-cap", "dsl-sde"])
