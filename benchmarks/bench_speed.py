@@ -41,6 +41,7 @@ measured call (after glibc's `malloc_trim`, so that memory freed earlier is not 
 import argparse
 import ctypes
 import dataclasses
+import functools
 import inspect
 import os
 import platform
@@ -361,9 +362,14 @@ def profile_sampler(model, shape: str, steps: int, device, path: str) -> dict:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     # Label the network calls, so that the table splits the run into the forward passes and the sampler's own work.
+    # `functools.wraps` keeps the forward's signature visible: the samplers look for `logits_to_keep` in it.
     forward = model.forward
+    calls_keeping_logits = 0
 
+    @functools.wraps(forward)
     def labelled_forward(*args, **kwargs):
+        nonlocal calls_keeping_logits
+        calls_keeping_logits += kwargs.get("logits_to_keep") is not None
         with torch.profiler.record_function(FORWARD_LABEL):
             return forward(*args, **kwargs)
 
@@ -391,6 +397,7 @@ def profile_sampler(model, shape: str, steps: int, device, path: str) -> dict:
     total_us = sum(event.self_cpu_time_total for event in averages)
     return {"sampler": PROFILED_SAMPLER, "shape": shape, "knobs": variant["knobs"], "nfe": output.nfe, "file": path,
             "wall_s": wall_s, "forward_s": forward_s, "forward_share": forward_s / wall_s,
+            "calls_keeping_logits": calls_keeping_logits,
             "top_ops_by_self_cpu": [{"op": event.key, "calls": event.count,
                                      "self_cpu_share": event.self_cpu_time_total / total_us} for event in top]}
 

@@ -75,9 +75,9 @@ class DSLConfig(PreTrainedConfig):
         converter_beta_init: initial inverse temperature beta of the converter softmax (`None` = 1/sqrt(d)).
         converter_mask_bias: initial bias of the converter's `[MASK]` slot (`None` = log((V + 1) * 99), so that
             p~(mask | z = 0) ~= 0.99; **[choice]**: the authors' code also uses log V).
-        converter_chunk_size: how many vocabulary slots the converter's softmax takes at a time (`None` = about 2M
-            scores per chunk for the number of states converted, at least 1,024 slots). A speed and memory knob only:
-            every chunk size gives the same outputs and gradients up to float rounding.
+        converter_chunk_size: how many vocabulary slots the converter's softmax takes at a time (`None` = about 512K
+            scores per chunk on a CPU and 16M on a GPU, for the number of states converted, at least 256 slots). A
+            speed and memory knob only: every chunk size gives the same outputs and gradients up to float rounding.
         converter_top_k: opt-in approximation (`None`, the default, is the exact converter): each state keeps only
             its k highest-scoring token slots and the `[MASK]` slot, renormalized, so h costs a k-row gather instead of
             a `[V, H]` product. Drops the mass of the other V - k slots (largest at mid SNR); see the README for the

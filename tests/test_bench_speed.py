@@ -56,6 +56,8 @@ def test_bench_speed_reports_every_sampler_and_section(tmp_path, bench_speed):
     for drift in sparse["converter_drift"].values():
         assert all(0.0 < row["kept_mass_mean"] <= 1.0 + 1e-6 for key, row in drift.items() if key != "beta")
     assert all(positive(report["nucleus"][name]["full_sort_over_candidates"]["median"]) for name in ("peaked", "flat"))
+    # The profiled run asks for logits where needed, as an unprofiled one does (the label wrapper keeps the signature).
+    assert report["profile"]["calls_keeping_logits"] == report["profile"]["nfe"] > 0
     profile = (tmp_path / "sampler_profile.txt").read_text()
     assert "Self CPU" in profile and "aten::" in profile
     assert report["environment"]["threads"] == 1 and report["shapes"]["tiny"]["length"] == 32

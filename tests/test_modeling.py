@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
-from dsl_diffusion.modeling_dsl.modeling_dsl import ChunkedConverter
+from dsl_diffusion.modeling_dsl.modeling_dsl import ChunkedConverter, top_k_converter
 from mdlm_reference import mdlm_logits, random_mdlm_state_dict, subs_log_probs
 
 MDLM_VOCAB, HIDDEN, HEADS, BLOCKS, COND = 41, 32, 4, 2, 16  # 40 real tokens + [MASK] = 40
@@ -477,12 +477,11 @@ def test_converter_keeps_no_vocabulary_wide_tensor_for_the_backward():
     assert model.token_directions.weight.grad is not None and model.backbone.vocab_embed.embedding.grad is not None
 
 
-@pytest.mark.parametrize("chunk_size", [None, 3, 16])
-def test_top_k_converter_is_the_plain_formula_over_the_kept_slots(chunk_size):
+def test_top_k_converter_is_the_plain_formula_over_the_kept_slots():
     """The opt-in sparse converter equals the plain formula with every slot outside each state's top k token scores
-    removed (the [MASK] slot always kept), outputs and gradients; the top k are found across chunks."""
+    removed (the [MASK] slot always kept), outputs and gradients; the top k found across chunks are the same."""
     top_k = 5
-    model = randomized_model(tiny_config(converter_top_k=top_k, converter_chunk_size=chunk_size))
+    model = randomized_model(tiny_config(converter_top_k=top_k))
     with torch.no_grad():
         # Distinct token biases: at z = 0 the scores are the biases, and tied scores would make "the top k" ambiguous.
         model.converter_bias.copy_(torch.randn(41, generator=torch.Generator().manual_seed(5)))
@@ -506,7 +505,12 @@ def test_top_k_converter_is_the_plain_formula_over_the_kept_slots(chunk_size):
     for sparse, exact in zip(*gradients):
         torch.testing.assert_close(sparse, exact, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        assert not torch.allclose(model.convert_noisy_states(z), plain_converter(model, z), atol=1e-3)  # it is an approximation
+        sparse = model.convert_noisy_states(z)
+        inputs = (z.reshape(-1, model.config.embed_dim), model.token_directions(), model.converter_beta, model.converter_bias,
+                  model.backbone.vocab_embed.embedding, top_k)
+        for search_chunk in (3, 7, 16):  # the top k merged across chunks, some narrower than k
+            torch.testing.assert_close(top_k_converter(*inputs, search_chunk).reshape(sparse.shape), sparse)
+        assert not torch.allclose(sparse, plain_converter(model, z), atol=1e-3)  # it is an approximation
         model.config.converter_top_k = 40  # k >= V: the exact converter
         torch.testing.assert_close(model.convert_noisy_states(z), plain_converter(model, z), atol=1e-6, rtol=1e-5)
 
