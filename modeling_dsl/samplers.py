@@ -131,9 +131,12 @@ def snr_grid(
     raise ValueError(f"snr_schedule={schedule!r} is not supported; accepted: {SNR_SCHEDULES}.")
 
 
-# The nucleus is looked for among the top 256, then the top 4,096 tokens of a row, and only then in the whole sorted
-# vocabulary: a trained LM's nucleus is usually small, and a partial top-k costs a fraction of a |V|-wide sort.
+# The nucleus is looked for among the top 256, then the top 4,096 tokens of a row: a trained LM's nucleus is usually
+# small, and a partial top-k costs a fraction of a |V|-wide sort. A row whose nucleus is most of the vocabulary (a
+# nearly flat row) drops only its least probable tokens, which are looked for among the bottom 8,192, then 16,384
+# (a bottom-8,192 top-k takes about a quarter of a 50,257-wide sort). Only then is the whole row sorted.
 NUCLEUS_CANDIDATES = (256, 4096)
+DROPPED_CANDIDATES = (8192, 16384)
 
 
 def nucleus_kept(probs: torch.Tensor, top_p: float, rule: str = "transformers") -> torch.BoolTensor:
@@ -142,10 +145,12 @@ def nucleus_kept(probs: torch.Tensor, top_p: float, rule: str = "transformers") 
     transformers' `TopPLogitsWarper`); "mdlm": the tokens whose cumulative mass, their own included, is <= `top_p`
     (the MDLM / ReMDM code). The top-1 is always kept.
 
-    Exact without sorting the vocabulary when the top k candidates already hold `top_p` of the mass: no token
-    outside them can then be kept (the mass ranked above it is >= `top_p`). A row goes straight to the full sort
-    when even the next tier cannot hold `top_p` (its mass is at most the current mass plus the new candidates, each
-    no more probable than the last one)."""
+    Exact without sorting the vocabulary in two cases. When the top k candidates already hold `top_p` of the mass,
+    no token outside them can be kept (the mass ranked above it is >= `top_p`); a row skips to the next stage when
+    even the next tier cannot hold `top_p` (its mass is at most the current mass plus the new candidates, each no
+    more probable than the last one). When the k least probable tokens hold more than 1 - `top_p` of the mass, every
+    dropped token is among them: a token is dropped iff the mass at and below it in ascending order is <= 1 - `top_p`
+    ("transformers": the very form of transformers' warper; "mdlm": the mass strictly below it is < 1 - `top_p`)."""
     if top_p >= 1.0:
         return torch.ones_like(probs, dtype=torch.bool)
     flat = probs.reshape(-1, probs.shape[-1])
@@ -159,7 +164,7 @@ def nucleus_kept(probs: torch.Tensor, top_p: float, rule: str = "transformers") 
         kept[rows] = kept[rows].scatter_(-1, index, keep)
 
     pending = torch.arange(flat.shape[0], device=flat.device)
-    to_sort = []
+    hopeless = []
     tiers = [k for k in NUCLEUS_CANDIDATES if k < vocab_size]
     for k, next_k in zip(tiers, tiers[1:] + [vocab_size]):
         if not pending.numel():
@@ -168,10 +173,24 @@ def nucleus_kept(probs: torch.Tensor, top_p: float, rule: str = "transformers") 
         mass = top.sum(dim=-1)
         found = mass >= top_p
         keep(pending[found], top[found], index[found])
-        hopeless = ~found & (mass + (next_k - k) * top[:, -1] < top_p)
-        to_sort.append(pending[hopeless])
-        pending = pending[~found & ~hopeless]
-    rows = torch.cat([*to_sort, pending])
+        beyond_reach = ~found & (mass + (next_k - k) * top[:, -1] < top_p)
+        hopeless.append(pending[beyond_reach])
+        pending = pending[~found & ~beyond_reach]
+    rows = torch.cat([*hopeless, pending])
+    dropped_mass = 1.0 - top_p
+    for k in (k for k in DROPPED_CANDIDATES if k < vocab_size):
+        if not rows.numel():
+            break
+        bottom, index = flat[rows].topk(k, dim=-1, largest=False)  # ascending
+        mass = bottom.sum(dim=-1)
+        found = mass > dropped_mass if rule == "transformers" else mass >= dropped_mass
+        cumulative = bottom[found].cumsum(dim=-1)
+        drop = (cumulative <= dropped_mass) if rule == "transformers" else (cumulative - bottom[found] < dropped_mass)
+        found_rows = rows[found]
+        row_kept = torch.ones(len(found_rows), vocab_size, dtype=torch.bool, device=flat.device)
+        kept[found_rows] = row_kept.scatter_(-1, index[found], ~drop)
+        kept[found_rows, flat[found_rows].argmax(dim=-1)] = True
+        rows = rows[~found]
     if rows.numel():
         keep(rows, *flat[rows].sort(dim=-1, descending=True))
     return kept.reshape(probs.shape)
