@@ -441,8 +441,9 @@ def bench_endpoint_cache(shape: str, steps: int, repeats: int, device, dtype) ->
 
 
 def bench_nucleus(vocab_size: int, rows: int, repeats: int, device) -> dict:
-    """`nucleus_kept` (the top 256 / 4,096 candidates first) against one full sort of the vocabulary, on float64 rows
-    whose nucleus (top_p = 0.9) is small (peaked), medium or nearly the whole vocabulary (flat)."""
+    """`nucleus_kept` (top 256 / 4,096, then bottom 16,384 candidates) against one full sort of the vocabulary, on rows
+    whose nucleus (top_p = 0.9) is small (peaked), medium, about 60% of the vocabulary (wide: the bottom candidates
+    miss) or nearly the whole vocabulary (flat)."""
     from dsl_diffusion.pipelines.samplers import nucleus_kept
 
     def full_sort(probs):
@@ -453,7 +454,7 @@ def bench_nucleus(vocab_size: int, rows: int, repeats: int, device) -> dict:
 
     generator = torch.Generator().manual_seed(0)
     result = {"rows": rows, "vocab_size": vocab_size, "top_p": TOP_P}
-    for name, scale in (("peaked", 8.0), ("medium", 3.0), ("flat", 0.3)):
+    for name, scale in (("peaked", 8.0), ("medium", 3.0), ("wide", 1.0), ("flat", 0.3)):
         probs = (torch.randn(rows, vocab_size, generator=generator, dtype=torch.float64) * scale).softmax(-1).to(device)
         assert torch.equal(nucleus_kept(probs, TOP_P), full_sort(probs))
         times = {"full_sort": [], "candidates": []}
@@ -647,7 +648,7 @@ def print_table(report: dict) -> None:
             row(f"{shape}: remdm-cap per NFE, {name.replace('_', ' ')} / compiled (full logits)",
                 section[f"{name}_over_compiled"]["median"])
     if report["nucleus"]:
-        for name in ("peaked", "medium", "flat"):
+        for name in ("peaked", "medium", "wide", "flat"):
             row(f"nucleus (top_p {TOP_P}, {name} rows): full sort / top candidates",
                 report["nucleus"][name]["full_sort_over_candidates"]["median"])
     for shape, section in report["training"].items():
