@@ -55,7 +55,7 @@ import psutil
 import torch
 
 from bench_samplers import SAMPLERS, synchronize
-from bench_sparse_converter import exact_slot_probs, with_top_k
+from bench_sparse_converter import drift, with_top_k
 from bench_training import training_step
 from dsl_diffusion.evaluation.utils import atomic_write_json
 from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
@@ -557,19 +557,7 @@ def bench_sparse_converter(shape: str, repeats: int, device, dtype) -> dict:
             }
         for beta_name, beta in (("initial", float(model.converter_beta)), ("beta_1", 1.0)):
             model.converter_beta.fill_(beta)
-            rows = {}
-            for snr in SPARSE_SNRS:
-                z = model.noisy_states(ids, snr, generator=torch.Generator(device).manual_seed(2)).to(model.dtype)
-                exact_hidden = model.convert_noisy_states(z).float()
-                slot_probs = exact_slot_probs(model, z)
-                for top_k in top_ks:
-                    with with_top_k(model, top_k):
-                        sparse_hidden = model.convert_noisy_states(z).float()
-                    kept_mass = slot_probs[:, -1] + slot_probs[:, :-1].topk(top_k, dim=-1).values.sum(-1)
-                    rows[f"snr_{snr:g}_top_{top_k}"] = {
-                        "kept_mass_mean": float(kept_mass.mean()), "kept_mass_min": float(kept_mass.min()),
-                        "hidden_relative_change": float((sparse_hidden - exact_hidden).norm() / exact_hidden.norm()),
-                    }
+            rows = drift(model, ids, top_ks, SPARSE_SNRS, seed=2, outputs=False)
             result["converter_drift"][beta_name] = {"beta": beta, **rows}
     log(f"  {shape} sparse converter: " + ", ".join(
         f"top {k} {result['time'][f'top_{k}']['exact_over_sparse']['median']:.2f}x" for k in top_ks))
