@@ -54,7 +54,7 @@ def worker(output_dir: str, initial_model_dir: str, stage: int, steps: int, save
 
     from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
     from dsl_diffusion.trainer.data import DiffusionDataCollator
-    from dsl_diffusion.trainer.finetune import resolve_deepspeed_config
+    from dsl_diffusion.trainer.distributed import resolve_deepspeed_config
     from dsl_diffusion.trainer.trainer import DSLTrainer, DSLTrainingArguments, ExponentialMovingAverage
 
     # ZeRO-3: the TrainingArguments (which register the DeepSpeed config) must exist before the model, so that
@@ -122,7 +122,7 @@ def free_port() -> int:
 
 
 def subprocess_env() -> dict:
-    from dsl_diffusion.trainer.finetune import DEFAULT_TORCH_EXTENSIONS_DIR
+    from dsl_diffusion.trainer.distributed import DEFAULT_TORCH_EXTENSIONS_DIR
 
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_TORCH_EXTENSIONS_DIR))
@@ -207,7 +207,7 @@ def test_model_has_no_zero_dim_parameters():
 
 
 def test_deepspeed_configs_are_shipped():
-    from dsl_diffusion.trainer.finetune import resolve_deepspeed_config
+    from dsl_diffusion.trainer.distributed import resolve_deepspeed_config
 
     for stage in (2, 3):
         config = json.loads(Path(resolve_deepspeed_config(f"zero{stage}")).read_text())

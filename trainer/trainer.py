@@ -41,6 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
 
 from .corruption import SNR_PATH_NAMES, SNRPath, build_snr_path
+from .distributed import configure_torch_extensions_dir, resolve_deepspeed_config, set_single_process_distributed_env
 from .losses import ROAR_TERMS, LossOutput, dsl_loss, mdlm_loss, roar_nll, token_loss_mask, unwrap_denoiser
 
 logger = logging.getLogger(__name__)
@@ -214,8 +215,6 @@ class DSLTrainingArguments(TrainingArguments):
             # Before the parent reads the DeepSpeed config: the packaged names ("zero2" / "zero3") become their files,
             # and one process without a launcher gets the process-group env DeepSpeed needs. Here rather than in the
             # CLI, so that command lines and YAML / JSON files (HfArgumentParser) are handled alike.
-            from .finetune import configure_torch_extensions_dir, resolve_deepspeed_config, set_single_process_distributed_env
-
             if isinstance(self.deepspeed, str):
                 self.deepspeed = resolve_deepspeed_config(self.deepspeed)
             configure_torch_extensions_dir()
