@@ -118,7 +118,8 @@ PRESETS = {
     ),
 }
 ARM_RECIPES = ("cosine", "reference")
-# Extra DSL arms that separate the two fixes of issue 10, sampled with ReMDM at `ablation_step_budgets`:
+# Extra DSL arms that separate the two fixes of the DSL arm (the converter endpoint path and the reference recipe),
+# sampled with ReMDM at `ablation_step_budgets`:
 # - "table_path": the "dsl" arm's weights shown the discrete states through the input table (W[x], W[V]), as before
 #   the endpoint fix: the recipe fix alone;
 # - "legacy_recipe": a DSL arm trained with the recipe the library used before (the cosine schedule, and E, beta, b
@@ -412,8 +413,8 @@ def stage_pretrain(args, rows, tokenizer):
 
 
 def stage_arm(args, rows, tokenizer, pretrained: Stage, objective: str, legacy_recipe: bool = False):
-    """A fine-tuning arm: `args.arm_recipe`, or with `legacy_recipe` the recipe of the library before issue 10 (the
-    cosine schedule; E, beta, b and the input table W at 1e-2)."""
+    """A fine-tuning arm: `args.arm_recipe`, or with `legacy_recipe` the recipe the library used before the reference
+    recipe and the converter endpoint path existed (the cosine schedule; E, beta, b and the input table W at 1e-2)."""
     from ..modeling_dsl import DSLForMaskedDiffusion
 
     stage = Stage(args.output_dir, f"arm-{ABLATION_ARMS['legacy_recipe'] if legacy_recipe else objective}")

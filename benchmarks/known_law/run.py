@@ -340,7 +340,7 @@ def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) ->
             "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "ema_warmup", "dsl_learning_rate",
             "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "roar_lambda",
             "max_grad_norm", "per_device_train_batch_size")},
-        endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before issue 10 part 1)"),
+        endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before the converter endpoint path existed)"),
         directions_mean_cosine_to_init=float(cosine.mean()),
         converter_beta=float(model.converter_beta.detach()),
         converter_bias_max_change=float((model.converter_bias.detach() - before["bias"]).abs().max()),
