@@ -80,7 +80,7 @@ class DSLConfig(PreTrainedConfig):
             speed and memory knob only: every chunk size gives the same outputs and gradients up to float rounding.
         converter_top_k: opt-in approximation (`None`, the default, is the exact converter): each state keeps only
             its k highest-scoring token slots and the `[MASK]` slot, renormalized, so h costs a k-row gather instead of
-            a `[V, H]` product. Drops the mass of the other V - k slots (largest at mid SNR); see the README for the
+            a `[V, H]` product. Drops the mass of the other V - k slots (largest at mid SNR); see docs/speed.md for the
             measured drift. Gradients flow through the kept slots only.
         snr_conditioning: "none" (a constant adaLN vector, the default: the Bayes-optimal denoiser does not depend
             on the SNRs) or "norm" (per-token adaLN conditioning on ||z_i||) (**[choice]**).
