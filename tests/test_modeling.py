@@ -195,6 +195,7 @@ def test_table_and_converter_at_mask_endpoints():
     is_mask = ids == 40
     table_model = randomized_model(tiny_config(endpoint_inputs="table"))
     table = table_model.backbone.vocab_embed.embedding
+    # Exact: the "table" input is a row lookup, a copy of the rows with no arithmetic.
     torch.testing.assert_close(backbone_inputs(table_model, input_ids=ids), table[ids], atol=0, rtol=0)
 
     model = randomized_model(tiny_config(endpoint_inputs="converter_at_mask"))
@@ -202,6 +203,7 @@ def test_table_and_converter_at_mask_endpoints():
         model.converter_bias[40] = 0.5
         at_zero = model.convert_noisy_states(torch.zeros(1, 1, model.config.embed_dim))[0, 0]
     hidden = backbone_inputs(model, input_ids=ids)
+    # Exact at tokens (the table rows, copied by torch.where); at [MASK] the converter ran on another batch shape.
     torch.testing.assert_close(hidden[~is_mask], model.backbone.vocab_embed.embedding[ids][~is_mask], atol=0, rtol=0)
     torch.testing.assert_close(hidden[is_mask], at_zero.expand(int(is_mask.sum()), -1), atol=1e-6, rtol=0)
 
@@ -216,8 +218,12 @@ def test_endpoint_inputs_are_validated_and_saved(tmp_path):
     reloaded = DSLForMaskedDiffusion.from_pretrained(tmp_path / "m").eval()
     assert reloaded.config.endpoint_inputs == "converter"
     ids = torch.tensor([[1, 40, 3, 40]])
+    # The loaded model computes the same function: the same weights give the same logits up to fp32 rounding (the
+    # tolerance of transformers' own save/load tests). Not bit for bit: the loaded tensors live at other memory
+    # alignments inside the safetensors buffer, and the CPU kernels then accumulate in another order (a few ulps).
+    # The same weights read as endpoint_inputs="table" give logits 5e-3 away: 500 times the tolerance.
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_noisy_states_statistics():
@@ -337,9 +343,10 @@ def test_save_load_in_library_and_bf16(tmp_path):
         reloaded_state = loaded.state_dict()
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, reloaded_state[name]), f"{name} changed in the round trip"
-        # Bit-identical weights; the logits agree to fp32 rounding (memory-mapped tensors may take other BLAS paths).
+        # Bit-identical weights; the logits agree to fp32 rounding, transformers' save/load tolerance (the loaded
+        # tensors sit at other memory alignments, where the CPU kernels accumulate in another order).
         with torch.no_grad():
-            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     bf16 = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert bf16.backbone.blocks[0].attn_qkv.weight.dtype == torch.bfloat16
     with torch.no_grad():
@@ -382,9 +389,9 @@ def test_trust_remote_code_in_a_fresh_process_without_the_library(tmp_path):
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         io = torch.load({str(tmp_path / "io.pt")!r})
-        with torch.no_grad():
-            torch.testing.assert_close(model(input_ids=io["ids"]).logits, io["discrete"], atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(model(noisy_states=io["z"]).logits, io["continuous"], atol=1e-6, rtol=1e-6)
+        with torch.no_grad():  # same weights at other memory alignments: equal up to fp32 rounding
+            torch.testing.assert_close(model(input_ids=io["ids"]).logits, io["discrete"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(noisy_states=io["z"]).logits, io["continuous"], atol=1e-5, rtol=1e-5)
         print("REMOTE-CODE-OK")
         """
     )
