@@ -1115,7 +1115,8 @@ def other_rank(monkeypatch):
         state.votes.append(flag)
         return flag and state.can_skip
 
-    monkeypatch.setattr(sys.modules[Denoiser.__module__], "all_ranks_agree", all_ranks_agree)
+    for module in {Denoiser.__module__, MDLMSampler.__module__}:  # the network wrapper and the discrete loop vote
+        monkeypatch.setattr(sys.modules[module], "all_ranks_agree", all_ranks_agree)
     return state
 
 
