@@ -71,8 +71,8 @@ class DSLGenerationConfig(GenerationConfig):
     the next default in line: the `generate` call's kwargs > this config > `default_generation_params()`.
 
     Args:
-        sampler: "mdlm", "remdm" (or "remdm-cap" / "-rescale" / "-conf" / "-loop", which set `strategy`),
-            "dsl-sde", "hybrid", "roar".
+        sampler: "mdlm", "remdm" (or "remdm-cap" / "-rescale" / "-conf" / "-loop" / "-rescore", which set
+            `strategy`), "dsl-sde", "hybrid", "roar", "confidence".
         max_length: total length of a generated sequence, prompt included. max_new_tokens: positions to generate
             after the prompt instead. Neither: a prompt with `[MASK]`s fills only those, otherwise the sequence runs
             to the model's `max_position_embeddings`.

@@ -4,7 +4,8 @@
 The samplers for masked-diffusion and DSL denoisers live by family in flat sibling modules:
 - `sampling_utils.py`: what they all share (the output, the grids, the nucleus, the categorical draw, the noise, the
   network wrapper, the inputs, the step recorder, the knob checks, `SamplingConfig`, the `DiffusionSampler` base);
-- `samplers_discrete.py`: MDLM, ReMDM (cap / rescale / conf / loop) and ROAR;
+- `samplers_discrete.py`: MDLM, ReMDM (cap / rescale / conf / loop / rescore), ROAR and confidence-aware parallel
+  decoding;
 - `samplers_continuous.py`: the DSL stochastic-localization SDE;
 - `samplers_hybrid.py`: the hybrid continuous-then-discrete sampler.
 This module re-exports their public names, so `from .samplers import X` works for all of them. Every module here
@@ -18,7 +19,11 @@ import dataclasses
 
 from .samplers_continuous import ContinuousState, DSLSDESampler, SDEConfig
 from .samplers_discrete import (
+    CONFIDENCE_RULES,
     REMDM_STRATEGIES,
+    ConfidenceConfig,
+    ConfidenceSampler,
+    ConfidenceState,
     DiscreteState,
     MDLMConfig,
     MDLMSampler,
@@ -71,6 +76,7 @@ SAMPLERS = {
     "dsl-sde": DSLSDESampler,
     "hybrid": HybridSampler,
     "roar": ROARSampler,
+    "confidence": ConfidenceSampler,
 }
 # "remdm-cap" etc., the names of the ReMDM code, select the strategy.
 SAMPLER_ALIASES = {f"remdm-{strategy}": ("remdm", {"strategy": strategy}) for strategy in REMDM_STRATEGIES}
@@ -93,8 +99,9 @@ def resolve_sampler_name(name: str) -> tuple[str, dict]:
 
 
 def get_sampler(name: str, **knobs) -> DiffusionSampler:
-    """Build a sampler by name (`"mdlm"`, `"remdm"`, `"remdm-loop"`, `"dsl-sde"`, `"hybrid"`, `"roar"`) from knobs.
-    A knob that the sampler does not have raises a ValueError naming the accepted ones."""
+    """Build a sampler by name (`"mdlm"`, `"remdm"`, `"remdm-loop"`, `"dsl-sde"`, `"hybrid"`, `"roar"`,
+    `"confidence"`)
+    from knobs. A knob that the sampler does not have raises a ValueError naming the accepted ones."""
     canonical, implied = resolve_sampler_name(name)
     sampler_class = SAMPLERS[canonical]
     accepted = {field.name for field in dataclasses.fields(sampler_class.config_class)}
@@ -110,12 +117,14 @@ __all__ = [
     "MDLMConfig",
     "ReMDMConfig",
     "ROARConfig",
+    "ConfidenceConfig",
     "SDEConfig",
     "HybridConfig",
     "DiffusionSampler",
     "MDLMSampler",
     "ReMDMSampler",
     "ROARSampler",
+    "ConfidenceSampler",
     "DSLSDESampler",
     "HybridSampler",
     "DiscreteState",
@@ -123,6 +132,7 @@ __all__ = [
     "KeptLogits",
     "ContinuousState",
     "ROARState",
+    "ConfidenceState",
     "NoiseSource",
     "Denoiser",
     "SamplerInputs",
@@ -138,6 +148,7 @@ __all__ = [
     "EvidenceDenoiser",
     "StepRecorder",
     "REMDM_STRATEGIES",
+    "CONFIDENCE_RULES",
     "SNR_SCHEDULES",
     "COMMIT_RULES",
     "COMMIT_MODES",

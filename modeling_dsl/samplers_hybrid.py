@@ -37,7 +37,9 @@ from .sampling_utils import (
 
 COMMIT_RULES = ("threshold", "top_fraction")
 COMMIT_MODES = ("evidence", "sample", "argmax")
-HYBRID_DISCRETE_STRATEGIES = ("mdlm",) + REMDM_STRATEGIES
+# "rescore" is left out: the discrete phase shows its tokens as noisy states (commit_mode="evidence"), and its
+# score was not studied there.
+HYBRID_DISCRETE_STRATEGIES = ("mdlm",) + tuple(strategy for strategy in REMDM_STRATEGIES if strategy != "rescore")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """What every sampler of masked-diffusion and DSL denoisers shares: the output, the grids, the nucleus, the
 categorical draw, the noise, the network wrapper (NFE, cache), the inputs, the per-step recorder, the knob checks,
 the shared sampling config and the sampler base class. The samplers themselves live by family in
-`samplers_discrete.py` (MDLM, ReMDM, ROAR), `samplers_continuous.py` (the DSL SDE) and `samplers_hybrid.py`;
-`samplers.py` is their registry.
+`samplers_discrete.py` (MDLM, ReMDM, ROAR, confidence), `samplers_continuous.py` (the DSL SDE) and
+`samplers_hybrid.py`; `samplers.py` is their registry.
 
 This file travels to the Hugging Face Hub as remote code next to the model files, so it imports only torch,
 transformers, tqdm and the standard library.
