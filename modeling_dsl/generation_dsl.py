@@ -1,10 +1,12 @@
 """`model.generate` for the DSL denoiser: a `GenerationConfig` that names a sampler and its knobs, and a mixin that
-lays out the sequence, builds the sampler and runs it. The sampling math lives in `samplers.py`; this file only
-routes to it, and the modeling file only inherits the mixin (as transformers' DiffusionGemma does).
+lays out the sequence, builds the sampler and runs it. The sampling math lives in the samplers'
+modules (`samplers.py`, the registry, and its siblings by family); this file only routes to it, and the modeling
+file only inherits the mixin (as transformers' DiffusionGemma does).
 
 Why the samplers sit next to the modeling files: a model saved with `save_pretrained` carries its code as remote code,
 and transformers copies the modeling file together with the files it imports relatively (`from .x import`), all into
-one flat folder. `modeling_dsl.py` imports this file and this file imports `samplers.py`, so the three (with
+one flat folder. `modeling_dsl.py` imports this file, this file imports `samplers.py` and that one its siblings
+(`sampling_utils.py`, `samplers_discrete.py`, `samplers_continuous.py`, `samplers_hybrid.py`), so they all (with
 `configuration_dsl.py`) travel together and `AutoModel.from_pretrained(folder, trust_remote_code=True).generate(...)`
 works without this library. In-library the same relative imports resolve inside `dsl_diffusion.modeling_dsl`.
 
@@ -69,13 +71,13 @@ class DSLGenerationConfig(GenerationConfig):
     the next default in line: the `generate` call's kwargs > this config > `default_generation_params()`.
 
     Args:
-        sampler: "mdlm", "remdm" (or "remdm-cap" / "-rescale" / "-conf" / "-loop", which set `strategy`),
-            "dsl-sde", "hybrid", "roar".
+        sampler: "mdlm", "remdm" (or "remdm-cap" / "-rescale" / "-conf" / "-loop" / "-rescore", which set
+            `strategy`), "dsl-sde", "hybrid", "roar", "confidence".
         max_length: total length of a generated sequence, prompt included. max_new_tokens: positions to generate
             after the prompt instead. Neither: a prompt with `[MASK]`s fills only those, otherwise the sequence runs
             to the model's `max_position_embeddings`.
         num_return_sequences: samples per input row.
-        do_sample, temperature, top_k, top_p, nucleus_rule: the categorical draw (see `samplers.SamplingConfig`):
+        do_sample, temperature, top_k, top_p, nucleus_rule: the categorical draw (see `sampling_utils.SamplingConfig`):
             `top_p` keeps the smallest set of mass >= p, as in transformers, unless `nucleus_rule="mdlm"` (the
             published MDLM / ReMDM rule: mass <= p).
         return_dict_in_generate: True (default) returns a [`DSLGenerateOutput`], False the sequences only.
@@ -197,7 +199,7 @@ class DSLGenerationConfig(GenerationConfig):
 
 
 class DSLGenerationMixin:
-    """`generate` for a DSL / masked-diffusion denoiser; routes every call to a sampler of `samplers.py`."""
+    """`generate` for a DSL / masked-diffusion denoiser; routes every call to a sampler of the `samplers.py` registry."""
 
     generation_config_class = DSLGenerationConfig
 

@@ -11,7 +11,7 @@ and h_i = p~_i W, where W is MDLM's input table. Token ids are the SNR endpoints
 s = 0, a token s = s_hi); `config.endpoint_inputs` records whether the weights were trained on the converter's output
 at those endpoints (DSL) or on the table rows W[x], W[V] (MDLM), and `forward(input_ids=...)` shows them the same.
 This file knows nothing of training objectives or samplers: `generate` comes from
-`generation_dsl.DSLGenerationMixin`, which routes to `samplers.py` (see that file for why both sit here).
+`generation_dsl.DSLGenerationMixin`, which routes to the samplers of `samplers.py` (see that file for why they sit here).
 """
 
 import contextlib

@@ -34,8 +34,8 @@ from ..modeling_dsl.samplers import (
 )
 from .pipeline_diffusion import TASK, DiffusionTextGenerationPipeline
 
-# The samplers live next to the modeling files (`modeling_dsl/samplers.py`): `model.generate` needs them, and the
-# model's remote code can only ship flat siblings of the modeling file. `dsl_diffusion.pipelines.samplers` stays
+# The samplers live next to the modeling files (`modeling_dsl/samplers.py`, the registry, and its siblings by family):
+# `model.generate` needs them, and the model's remote code can only ship flat siblings of the modeling file. `dsl_diffusion.pipelines.samplers` stays
 # importable as the same module object (one set of classes), so existing imports keep working.
 sys.modules[f"{__name__}.samplers"] = samplers
 

@@ -49,8 +49,10 @@ class GenerationArguments:
 class SamplerArguments:
     """Every knob defaults to None: unset knobs come from the model's generation config."""
 
-    sampler: str | None = field(default=None, metadata={"help": "mdlm, remdm, remdm-{cap,rescale,conf,loop}, dsl-sde, hybrid, roar."})
-    num_steps: int | None = field(default=None, metadata={"help": "Number of steps T (not for roar: one per position)."})
+    sampler: str | None = field(default=None, metadata={"help": "mdlm, remdm, remdm-{cap,rescale,conf,loop,rescore}, dsl-sde, hybrid, roar, confidence."})
+    num_steps: int | None = field(
+        default=None, metadata={"help": "Number of steps T (not for roar: one per position; confidence: the most calls)."}
+    )
     do_sample: bool | None = field(default=None, metadata={"help": "False: the argmax at every unmasking (greedy)."})
     top_p: float | None = field(default=None, metadata={"help": "Nucleus mass in (0, 1]."})
     nucleus_rule: str | None = field(
@@ -61,7 +63,7 @@ class SamplerArguments:
     use_cache: bool | None = field(default=None, metadata={"help": "Reuse the network output when no token changed."})
     s_hi: float | None = field(default=None, metadata={"help": "SNR of a clean token (default: the model's snr_max)."})
     t_min: float | None = field(default=None, metadata={"help": "Last time of the discrete grid (1e-5)."})
-    strategy: str | None = field(default=None, metadata={"help": "ReMDM: cap, rescale, conf or loop."})
+    strategy: str | None = field(default=None, metadata={"help": "ReMDM: cap, rescale, conf, loop or rescore."})
     eta: float | None = field(default=None, metadata={"help": "ReMDM remasking strength in [0, 1]."})
     t_on: float | None = field(default=None, metadata={"help": "ReMDM loop: start of the loop window."})
     t_off: float | None = field(default=None, metadata={"help": "ReMDM loop: end of the loop window (< t_on)."})
@@ -81,6 +83,15 @@ class SamplerArguments:
     )
     discrete_strategy: str | None = field(default=None, metadata={"help": "Hybrid: mdlm, cap, rescale, conf or loop."})
     discrete_t_start: float | None = field(default=None, metadata={"help": "Hybrid: start time of the discrete phase."})
+    confidence_rule: str | None = field(
+        default=None, metadata={"help": "Confidence: threshold (top probability >= the threshold) or budget."}
+    )
+    confidence_threshold: float | None = field(
+        default=None, metadata={"help": "Confidence: unmask the positions whose top probability is >= this (0.9)."}
+    )
+    tokens_per_step: int | None = field(
+        default=None, metadata={"help": "Confidence, budget rule: positions unmasked per step and row."}
+    )
     logits_where_needed: bool | None = field(
         default=None,
         metadata={"help": "Output head only where a step draws (default True; the same tokens, no call in a step that "

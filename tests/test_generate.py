@@ -220,7 +220,7 @@ def test_generate_through_remote_code_in_a_fresh_process(tmp_path):
     model.generation_config = DSLGenerationConfig(sampler="remdm", strategy="conf", num_steps=5, max_length=11)
     folder = tmp_path / "remote"
     model.save_pretrained(folder)
-    assert {"modeling_dsl.py", "generation_dsl.py", "samplers.py", "configuration_dsl.py"} <= set(os.listdir(folder))
+    assert {"modeling_dsl.py", "generation_dsl.py", "samplers.py", "sampling_utils.py", "samplers_discrete.py", "samplers_continuous.py", "samplers_hybrid.py", "configuration_dsl.py"} <= set(os.listdir(folder))
     script = (
         "import sys, json, torch\n"
         "sys.modules['dsl_diffusion'] = None  # block the installed library: only the folder's code may run\n"

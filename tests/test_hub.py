@@ -506,6 +506,10 @@ def test_push_dry_run_builds_a_folder_that_loads_back_offline(checkpoint_folder,
         "modeling_dsl.py",
         "pipeline_diffusion.py",
         "samplers.py",
+        "sampling_utils.py",
+        "samplers_discrete.py",
+        "samplers_continuous.py",
+        "samplers_hybrid.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "generation_dsl.py",
@@ -599,5 +603,5 @@ def test_finetune_push_to_hub_uploads_what_dsl_push_builds(checkpoint_folder, tm
     dry_run = tmp_path / "dsl-push"
     assert push_main(["--model_path", str(output_dir), "--repo_id", "someone/dsl-finetuned", "--output_dir", str(dry_run), "--dry_run"]) == 0
     assert uploaded == local_files(dry_run)
-    assert {"model.safetensors", "generation_config.json", "pipeline_diffusion.py", "samplers.py", "README.md"} <= set(uploaded)
+    assert {"model.safetensors", "generation_config.json", "pipeline_diffusion.py", "samplers.py", "sampling_utils.py", "samplers_discrete.py", "samplers_continuous.py", "samplers_hybrid.py", "README.md"} <= set(uploaded)
     assert b"global_step" in uploaded["README.md"]  # the training record of dsl-finetune is in the card

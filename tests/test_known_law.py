@@ -131,3 +131,32 @@ def test_stages_run_end_to_end_and_resume(tmp_path):
     # Resuming finds every stage done and rewrites the same report.
     again = main(["--preset", "ci", "--output_dir", str(out)])
     assert json.dumps(again["cells"]) == json.dumps(report["cells"])
+
+
+def test_sampler_oracle_shows_tokens_at_the_endpoint_snr_and_writes_its_report(tmp_path):
+    """The converter-endpoint oracle is the exact posterior given z = s e_x at the visible tokens: as s grows it
+    approaches the hard-evidence oracle (float32 logits: a tolerance), at s = 5 it does not; ReMDM "rescore" runs
+    on it and refuses the hard oracle (whose visible token is its own certain evidence). The quick run writes the
+    JSON and markdown reports."""
+    from benchmarks.known_law.run import PRESETS
+    from benchmarks.known_law.sampler_oracle import ConverterEndpointOracle, build
+    from benchmarks.known_law.sampler_oracle import main as sampler_oracle_main
+    from dsl_diffusion.pipelines.samplers import get_sampler
+
+    law, oracle = build(PRESETS["full"])
+    converter = ConverterEndpointOracle(oracle).eval()
+    tokens = law.sample(4, 32, torch.Generator().manual_seed(0))
+    tokens[:, 1::2] = oracle.config.mask_token_id
+    masked = tokens == oracle.config.mask_token_id
+    hard = oracle(input_ids=tokens).logits.softmax(-1)[masked]
+    assert (converter(input_ids=tokens, endpoint_snr=1e4).logits.softmax(-1)[masked] - hard).abs().max() < 1e-4
+    assert (converter(input_ids=tokens, endpoint_snr=5.0).logits.softmax(-1)[masked] - hard).abs().max() > 0.05
+    out = get_sampler("remdm-rescore", num_steps=4).run(converter, batch_size=2, seq_len=32, progress_bar=False)
+    assert out.nfe in (4, 5)
+    with pytest.raises(ValueError, match="endpoint_inputs='table'"):
+        get_sampler("remdm-rescore", num_steps=4).run(oracle, batch_size=2, seq_len=32, progress_bar=False)
+
+    assert sampler_oracle_main(["--quick", "--steps", "4", "--samples", "20", "--output_dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "sampler_oracle.json").read_text())
+    assert {row["label"] for row in report["rows"]} >= {"mdlm", "confidence-0.9", "remdm-rescore@s_hi=5"}
+    assert "| confidence-budget | hard | 4 |" in (tmp_path / "sampler_oracle.md").read_text()

@@ -183,7 +183,7 @@ def test_every_sampler_runs_through_the_pipeline(pipe):
 
 def test_saved_folder_carries_custom_pipeline_code_and_defaults(pipe, saved_folder, model, tmp_path):
     files = set(os.listdir(saved_folder))
-    assert {"pipeline_diffusion.py", "samplers.py", "generation_dsl.py", "modeling_dsl.py", "configuration_dsl.py"} <= files
+    assert {"pipeline_diffusion.py", "samplers.py", "sampling_utils.py", "samplers_discrete.py", "samplers_continuous.py", "samplers_hybrid.py", "generation_dsl.py", "modeling_dsl.py", "configuration_dsl.py"} <= files
     assert "generation_config.json" in files and LEGACY_GENERATION_CONFIG_NAME not in files
     config = json.loads((saved_folder / "config.json").read_text())
     assert config["custom_pipelines"] == {

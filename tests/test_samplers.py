@@ -33,6 +33,8 @@ from scipy import stats
 from torch import nn
 
 from dsl_diffusion.pipelines.samplers import (
+    ConfidenceConfig,
+    ConfidenceSampler,
     Denoiser,
     DSLSDESampler,
     EvidenceDenoiser,
@@ -681,6 +683,8 @@ ALL_SAMPLERS = {
     "dsl-sde": lambda: DSLSDESampler(num_steps=8),
     "hybrid": lambda: HybridSampler(num_steps=8, commit_rule="top_fraction"),
     "roar": lambda: ROARSampler(),
+    "confidence": lambda: ConfidenceSampler(num_steps=8, confidence_threshold=0.05),
+    "confidence-budget": lambda: ConfidenceSampler(confidence_rule="budget", tokens_per_step=3, num_steps=16),
 }
 
 
@@ -700,7 +704,9 @@ def test_fixed_tokens_never_change_and_no_mask_is_left(tiny_dsl, name):
     assert (out.sequences < 32).all()
 
 
-@pytest.mark.parametrize("name", ALL_SAMPLERS)
+# The confidence sampler orders positions by their logits: the tiny random model gives many masked positions the
+# same top probability up to float rounding, which left padding changes (~4e-8), so a row's order may differ.
+@pytest.mark.parametrize("name", [name for name in ALL_SAMPLERS if not name.startswith("confidence")])
 def test_a_row_of_a_left_padded_batch_equals_the_row_alone(tiny_dsl, name):
     mask, pad = tiny_dsl.config.mask_token_id, 0
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5]]
@@ -1049,6 +1055,13 @@ INVALID = [
     (HybridConfig, {"discrete_t_start": 0.0}, ValueError, r"discrete_t_start=0.0"),
     (HybridConfig, {"eta": 2.0}, ValueError, r"eta=2.0"),
     (HybridConfig, {"t_on": 0.2, "t_off": 0.4}, ValueError, r"t_off=0.4 must be < t_on=0.2"),
+    (HybridConfig, {"discrete_strategy": "rescore"}, ValueError, r"discrete_strategy='rescore' is not supported"),
+    (ConfidenceConfig, {"num_steps": 0}, ValueError, r"num_steps=0 must be >= 1"),
+    (ConfidenceConfig, {"confidence_rule": "entropy"}, ValueError, r"confidence_rule='entropy' .* 'threshold', 'budget'"),
+    (ConfidenceConfig, {"confidence_threshold": 0.0}, ValueError, r"confidence_threshold=0.0 is outside .* \(0.0, 1.0\]"),
+    (ConfidenceConfig, {"confidence_threshold": 1.5}, ValueError, r"confidence_threshold=1.5"),
+    (ConfidenceConfig, {"tokens_per_step": 0}, ValueError, r"tokens_per_step=0 must be >= 1"),
+    (ConfidenceConfig, {"tokens_per_step": 1.5}, TypeError, r"tokens_per_step must be an int"),
 ]
 
 
@@ -1123,7 +1136,8 @@ def other_rank(monkeypatch):
         state.votes.append(flag)
         return flag and state.can_skip
 
-    monkeypatch.setattr(sys.modules[Denoiser.__module__], "all_ranks_agree", all_ranks_agree)
+    for module in {Denoiser.__module__, MDLMSampler.__module__}:  # the network wrapper and the discrete loop vote
+        monkeypatch.setattr(sys.modules[module], "all_ranks_agree", all_ranks_agree)
     return state
 
 
@@ -1209,3 +1223,166 @@ def test_noise_source_draws_on_the_gpu_from_a_cpu_generator():
     assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
     rows = NoiseSource([torch.Generator().manual_seed(s) for s in (1, 2)], 2, torch.device("cuda"))
     assert [g.device.type for g in rows.row_generators] == ["cuda", "cuda"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Confidence-aware parallel decoding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def confidence_run(model, sampler, input_ids):
+    """(output, the drafts before and after each step, the recorded network calls) of one seeded run."""
+    with ForwardRecorder(model) as recorder:
+        out = sampler.run(model, input_ids, generator=torch.Generator().manual_seed(0), progress_bar=False,
+                          return_trajectory=True)  # fmt: skip
+    drafts = [input_ids] + out.trajectory
+    return out, list(zip(drafts, drafts[1:])), recorder.calls
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.5])
+def test_confidence_unmasks_every_position_above_the_threshold_and_at_least_one(threshold):
+    """Each step unmasks exactly the masked positions whose top probability is >= the threshold, plus each row's
+    most confident one when none is; the last allowed step unmasks everything left. Checked against the exact
+    denoiser's marginals given the draft before the step (a Markov chain of 6 tokens, whose confidences differ
+    from position to position); one network call per step."""
+    toy = markov_toy(MARKOV_INITIAL, MARKOV_TRANSITION, length=6)
+    mask = toy.config.mask_token_id
+    input_ids = torch.full((8, 6), mask)
+    input_ids[4:, 2] = 1  # half the rows with a fixed token
+    sampler = ConfidenceSampler(num_steps=4, confidence_threshold=threshold)
+    calls = toy.calls
+    out = sampler.run(toy, input_ids, generator=torch.Generator().manual_seed(0), progress_bar=False,
+                      return_trajectory=True)  # fmt: skip
+    drafts = [input_ids] + out.trajectory
+    assert out.nfe == toy.calls - calls == len(out.trajectory) and (out.sequences != mask).all()
+    parallel = False
+    for k, (before, after) in enumerate(zip(drafts, drafts[1:])):
+        masked = before == mask
+        drawn = drawn_positions(before, after, mask)
+        if k == sampler.config.num_steps - 1:
+            assert torch.equal(drawn, masked)
+            continue
+        top = torch.full(masked.shape, -1.0, dtype=torch.float64)
+        top[masked] = toy(input_ids=before).logits[masked].double().softmax(-1).max(dim=-1).values
+        expected = masked & (top >= threshold)
+        for row in range(masked.shape[0]):
+            if masked[row].any():
+                expected[row, top[row].argmax()] = True
+        assert torch.equal(drawn, expected)
+        assert (drawn.sum(dim=-1) >= masked.any(dim=-1).long()).all()
+        parallel |= bool((drawn.sum(dim=-1) > 1).any())
+    assert parallel  # the threshold did decode several positions of a row at once
+
+
+def test_confidence_nfe_is_the_steps_taken_capped_by_num_steps():
+    """16 positions per row: the budget rule takes ceil(16 / k) calls; a cap below that makes the last step
+    unmask every position left; the threshold rule stops as soon as nothing is masked (a high threshold: one
+    position per call)."""
+    model = tiny_dsl_model()
+    mask = model.config.mask_token_id
+    input_ids = prompted_batch(mask)
+    cases = [
+        (ConfidenceSampler(confidence_rule="budget", tokens_per_step=3, num_steps=100), 6, [3] * 5 + [1]),
+        (ConfidenceSampler(confidence_rule="budget", tokens_per_step=3, num_steps=4), 4, [3, 3, 3, 7]),
+        (ConfidenceSampler(confidence_threshold=1.0, num_steps=100), 16, [1] * 16),
+    ]
+    for sampler, nfe, per_step in cases:
+        out, steps, calls = confidence_run(model, sampler, input_ids)
+        assert out.nfe == len(calls) == nfe
+        assert [int(drawn_positions(b, a, mask)[0].sum()) for b, a in steps] == per_step
+
+
+def test_confidence_is_exact_one_position_per_call_and_on_a_product_law(markov, independent):
+    """On an exact denoiser: one position per call samples the joint law whatever the (confidence-chosen) order;
+    a product law is sampled exactly by any rule; decoding two dependent positions from one call is biased (the
+    control, which the test has the power to notice)."""
+    one_per_call = ConfidenceSampler(confidence_rule="budget", tokens_per_step=1, num_steps=3)
+    assert chi_square_pvalue(sample(one_per_call, markov, seed=1).sequences, markov.target, 3) > SIGNIFICANCE
+    parallel = ConfidenceSampler(confidence_threshold=0.3, num_steps=2)
+    assert chi_square_pvalue(sample(parallel, independent, seed=1).sequences, independent.target, 4) > SIGNIFICANCE
+    two_at_once = ConfidenceSampler(confidence_rule="budget", tokens_per_step=2, num_steps=2)
+    assert chi_square_pvalue(sample(two_at_once, markov, seed=1).sequences, markov.target, 3) < 1e-6
+
+
+def test_confidence_through_generate_and_the_registry():
+    model = tiny_dsl_model()
+    out = model.generate(sampler="confidence", confidence_rule="budget", tokens_per_step=4, num_steps=10,
+                         max_length=12, seed=3)  # fmt: skip
+    again = model.generate(sampler="confidence", confidence_rule="budget", tokens_per_step=4, num_steps=10,
+                           max_length=12, seed=3)  # fmt: skip
+    assert out.nfe == 3 and torch.equal(out.sequences, again.sequences)
+    assert get_sampler("confidence").config == ConfidenceConfig()
+    with pytest.raises(ValueError, match=r"\['eta'\] not knobs of sampler 'confidence'"):
+        get_sampler("confidence", eta=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReMDM rescore: remasking weighted by the current draft's own scores
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ConverterEndpointToy(ExactPosteriorToy):
+    """The exact denoiser, shown a token of `input_ids` as a DSL model's converter shows it: the noise-free state
+    z = s e_x at the endpoint SNR s (`endpoint_snr`, default `snr_max`), `[MASK]` at z = 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config.endpoint_inputs = "converter"
+
+    def forward(self, input_ids=None, noisy_states=None, attention_mask=None, endpoint_snr=None):
+        if input_ids is not None:
+            snr = self.config.snr_max if endpoint_snr is None else endpoint_snr
+            is_token = (input_ids != self.config.mask_token_id)[..., None]
+            noisy_states = snr * self.directions[input_ids.clamp(max=self.config.vocab_size - 1)] * is_token
+        return super().forward(noisy_states=noisy_states, attention_mask=attention_mask)
+
+
+def test_rescore_is_the_drafts_own_score_and_weighs_the_remasking_like_conf():
+    """The score of a decoded token is p(x_j = current token | the draft, x_j included) from the step's own call;
+    sigma spreads sigma_max over the decoded positions by softmax(-score), the conf rule with the score for psi.
+    On the exact denoiser it is ~1 at the default endpoint SNR (a visible token is its own evidence) and mixes
+    in the context at a low one."""
+    toy = ConverterEndpointToy(markov_toy(MARKOV_INITIAL, MARKOV_TRANSITION, length=3).log_joint, 3, 3)
+    tokens = torch.tensor([[0, 3, 2]])
+    state = SimpleNamespace(tokens=tokens, generatable=torch.ones_like(tokens, dtype=torch.bool), mask_token_id=3,
+                            scores=None)  # fmt: skip
+    scores = {}
+    for snr in (100.0, 1.0):
+        logits = toy(input_ids=tokens, endpoint_snr=snr).logits
+        scores[snr] = ReMDMSampler.rescore(state, logits)
+        expected = logits.double().softmax(-1)[0, [0, 2], [0, 2]]
+        assert torch.allclose(scores[snr][0, [0, 2]], expected) and scores[snr][0, 1] == 0
+    assert (scores[100.0][0, [0, 2]] > 0.99).all() and (scores[1.0][0, [0, 2]] < 0.9).all()
+    state.scores = scores[1.0]
+    t, s = torch.tensor([[0.5]], dtype=torch.float64), torch.tensor([[0.25]], dtype=torch.float64)
+    _, _, sigma = ReMDMSampler(strategy="rescore").schedule(t, s, state)
+    weights = torch.exp(-scores[1.0][0]) * torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(sigma[0], 0.5 * weights / weights.sum())  # sigma_max = 0.5 here
+
+
+def test_rescore_calls_once_per_step_with_every_writable_position():
+    """No extra call: each step's one call returns the masked positions' logits (to unmask) and the decoded ones'
+    (to score), so a step calls even when it unmasks nothing: NFE = T (+ 1 for the noise removal)."""
+    model = tiny_dsl_model(endpoint_inputs="converter")
+    input_ids = prompted_batch(model.config.mask_token_id)
+    with ForwardRecorder(model) as recorder:
+        out = ReMDMSampler(strategy="rescore", eta=0.5, num_steps=12, use_cache=False).run(
+            model, input_ids, generator=torch.Generator().manual_seed(0), progress_bar=False
+        )
+    generatable = input_ids == model.config.mask_token_id
+    assert out.nfe == len(recorder.calls) in (12, 13)
+    assert all(torch.equal(call.keep, generatable) for call in recorder.calls[:12])
+    assert (out.sequences != model.config.mask_token_id).all()
+
+
+def test_rescore_rejects_models_whose_score_is_identically_one(markov):
+    """MDLM weights (SUBS carries a visible token over), the infinite-SNR endpoint, and a model that does not say
+    how it shows a visible token (the exact toy shows it as hard evidence) are refused before any call."""
+    for endpoint_inputs in ("table", "converter_at_mask"):
+        model = tiny_dsl_model(endpoint_inputs=endpoint_inputs)
+        with pytest.raises(ValueError, match=f"endpoint_inputs='{endpoint_inputs}'.*Use strategy='conf'"):
+            get_sampler("remdm-rescore").run(model, batch_size=1, seq_len=4, progress_bar=False)
+    calls = markov.calls
+    with pytest.raises(ValueError, match="endpoint_inputs=None"):
+        get_sampler("remdm-rescore").run(markov, batch_size=1, progress_bar=False)
+    assert markov.calls == calls
