@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .samplers_continuous import ContinuousState, DSLSDESampler, SDEConfig
+from .samplers_continuous import REVISION_SELECTIONS, ContinuousState, DraftRevision, DSLSDESampler, SDEConfig
 from .samplers_discrete import (
     REMDM_STRATEGIES,
     DiscreteState,
@@ -117,6 +117,8 @@ __all__ = [
     "ReMDMSampler",
     "ROARSampler",
     "DSLSDESampler",
+    "DraftRevision",
+    "REVISION_SELECTIONS",
     "HybridSampler",
     "DiscreteState",
     "StepPlan",
