@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .samplers_continuous import ContinuousState, DSLSDESampler, SDEConfig
+from .samplers_continuous import REVISION_SELECTIONS, ContinuousState, DraftRevision, DSLSDESampler, SDEConfig
 from .samplers_discrete import (
     CONFIDENCE_RULES,
     REMDM_STRATEGIES,
@@ -126,6 +126,8 @@ __all__ = [
     "ROARSampler",
     "ConfidenceSampler",
     "DSLSDESampler",
+    "DraftRevision",
+    "REVISION_SELECTIONS",
     "HybridSampler",
     "DiscreteState",
     "StepPlan",

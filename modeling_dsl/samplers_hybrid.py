@@ -4,12 +4,13 @@ imports only torch, transformers and its flat siblings."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .samplers_continuous import ContinuousState, DSLSDESampler, SDEConfig
+from .samplers_continuous import ContinuousState, DraftRevision, DSLSDESampler, SDEConfig, check_revision_knobs
 from .samplers_discrete import (
     REMDM_STRATEGIES,
     DiscreteState,
@@ -81,6 +82,8 @@ class HybridConfig(SamplingConfig):
         discrete_t_start: the time the discrete phase starts from (None = each row's fraction of masked positions,
             the time at which MDLM's forward process masks that fraction).
         eta, t_on, t_off, alpha_on, t_min, use_cache: as in [`ReMDMConfig`].
+        revision_rounds, revision_snr, revision_fraction, revision_selection, revision_steps: the draft revision
+            run after the discrete phase (off with `revision_rounds=0`); see [`DraftRevision`].
     """
 
     num_steps: int = 48
@@ -102,10 +105,16 @@ class HybridConfig(SamplingConfig):
     alpha_on: float = 0.9
     t_min: float = 1e-5
     use_cache: bool = True
+    revision_rounds: int = 0
+    revision_snr: float = 2.0
+    revision_fraction: float = 0.5
+    revision_selection: str = "random"
+    revision_steps: int = 8
 
     def __post_init__(self):
         super().__post_init__()
         _check_int("num_steps", self.num_steps, 2)
+        check_revision_knobs(self)
         if self.continuous_steps is None:
             self.continuous_steps = self.num_steps // 2
         _check_int("continuous_steps", self.continuous_steps, 1)
@@ -204,7 +213,7 @@ class HybridSampler(DiffusionSampler):
     evidence with `commit_mode="evidence"`); finish with T_d = T - T_c discrete MDLM / ReMDM steps started at each
     row's masked fraction. NFE = T_c + 1 (SDE and commit) + the discrete phase's calls: T_d (+ 1 if the final noise
     removal is needed) with `logits_where_needed=False` and no cache hit, else only the discrete steps that unmask
-    a position (+ 1), as in [`MDLMSampler`]."""
+    a position (+ 1), as in [`MDLMSampler`]; the draft revision adds `revision_rounds * (revision_steps + 1)`."""
 
     name = "hybrid"
     config_class = HybridConfig
@@ -272,7 +281,8 @@ class HybridSampler(DiffusionSampler):
             endpoint_snr=config.s_hi,
             torch_compile=config.torch_compile,
         )
-        with self._progress(config.num_steps, progress_bar) as progress:
+        revision = DraftRevision.from_config(config, s_hi)
+        with self._progress(config.num_steps + revision.total_steps, progress_bar) as progress:
             grid = sde.build_grid(model, device=inputs.tokens.device)
             continuous = sde.init_state(inputs, noise, denoiser, grid)
             continuous, logits = sde.integrate(continuous, denoiser, recorder, progress)
@@ -309,5 +319,11 @@ class HybridSampler(DiffusionSampler):
                 draw=TokenDraw(discrete.config, logits_processor),
             )
             state = discrete.denoise(state, discrete_denoiser, recorder, progress, step_offset=config.continuous_steps)
+            # The revision shows decoded tokens at s_hi e_x and re-noised ones at their new state: the commit's
+            # evidence is spent (every position is decoded by now).
+            tokens, confidences = revision.revise(
+                state.tokens, generatable, state.confidences, denoiser, noise, recorder, progress, config.num_steps
+            )
+            state = dataclasses.replace(state, tokens=tokens, confidences=confidences)
         nfe = denoiser.nfe + (discrete_denoiser.nfe if discrete_denoiser is not denoiser else 0)
         return state, nfe

@@ -92,6 +92,21 @@ class SamplerArguments:
     tokens_per_step: int | None = field(
         default=None, metadata={"help": "Confidence, budget rule: positions unmasked per step and row."}
     )
+    revision_rounds: int | None = field(
+        default=None, metadata={"help": "SDE / hybrid: draft-revision rounds after the last step (0: off)."}
+    )
+    revision_snr: float | None = field(
+        default=None, metadata={"help": "SDE / hybrid revision: SNR s_d the chosen tokens are re-noised to."}
+    )
+    revision_fraction: float | None = field(
+        default=None, metadata={"help": "SDE / hybrid revision: share of the generated positions re-noised per round."}
+    )
+    revision_selection: str | None = field(
+        default=None, metadata={"help": "SDE / hybrid revision: random (exact) or lowest_confidence (approximate)."}
+    )
+    revision_steps: int | None = field(
+        default=None, metadata={"help": "SDE / hybrid revision: Euler steps per round, from s_d to s_hi."}
+    )
     logits_where_needed: bool | None = field(
         default=None,
         metadata={"help": "Output head only where a step draws (default True; the same tokens, no call in a step that "
