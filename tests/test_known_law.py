@@ -15,7 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.known_law.law import HiddenMarkovLaw, HMMLawConfig, LawSampleStream, build_law  # noqa: E402
 from benchmarks.known_law.metrics import bigram_counts, bigram_kl, nfe_to_match, nll_scores  # noqa: E402
-from benchmarks.known_law.run import KnownLawArguments, main, plan_cells  # noqa: E402
+from benchmarks.known_law.run import (  # noqa: E402
+    ARMS, KnownLawArguments, arm_start_model, arm_steps, arm_training_arguments, fresh_model, main, plan_cells, run,
+)
+from dsl_diffusion.evaluation.utils import Stage  # noqa: E402
+from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -112,10 +116,14 @@ def test_headline_says_no_separation_inside_the_noise_floor():
 
 def test_stages_run_end_to_end_and_resume(tmp_path):
     out = tmp_path / "known-law"
+    # A first run without oracle cells stands for a run made before they existed: its cells must be reused.
+    run(KnownLawArguments(preset="ci", output_dir=str(out), oracle_seeds=[]))
+    earlier = {path.name: path.stat().st_mtime_ns for path in (out / "samples").glob("*.json") if path.name != "done.json"}
     report = main(["--preset", "ci", "--output_dir", str(out)])
-    for name in ("results.json", "results.md", "nll_excess_vs_nfe.png", "bigram_kl_vs_nfe.png"):
+    for name in ("results.json", "results.md", "nll_excess_vs_nfe.png", "bigram_kl_vs_nfe.png", "ce_gap_vs_snr.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "nll_excess_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {name: (out / "samples" / name).stat().st_mtime_ns for name in earlier} == earlier  # reused, not redrawn
     args = KnownLawArguments(preset="ci", output_dir=str(out))
     assert len(report["cells"]) == len(plan_cells(args))
     entropy = report["law"]["entropy"]["entropy_per_token"]
@@ -124,13 +132,26 @@ def test_stages_run_end_to_end_and_resume(tmp_path):
         assert 0 <= cell["impossible_share"] <= 1
         if cell["num_possible"]:
             assert cell["nll_mean"] >= 0 and cell["nll_excess_mean"] == pytest.approx(cell["nll_mean"] - entropy)
+    # One oracle cell per (sampler, T) of the plan, beside the arm of its first cell.
+    oracle = [cell for cell in report["cells"] if cell["arm"] == "oracle"]
+    planned = {(c["sampler"], c["num_steps"]) for c in report["cells"] if c["arm"] != "oracle"}
+    assert sorted((c["sampler"], c["num_steps"]) for c in oracle) == sorted(planned) and len(earlier) + len(oracle) == len(report["cells"])
+    assert {c["beside"] for c in oracle if c["sampler"] in ("dsl-sde", "hybrid")} == {"dsl"}
+    roar_oracle = next(c for c in oracle if c["sampler"] == "roar")
+    assert roar_oracle["impossible_share"] == 0  # the exact conditionals never write an impossible pair
     for arm in args.arms:
         record = report["arms"][arm]
         assert math.isfinite(record["roar_nll"]["nll_per_token"]) and record["tokens"] == args.finetune_steps * args.batch_size * args.length
+        assert [e["step"] for e in record["gap_history"]] == [0, 3, 6]  # gap_log_steps = 3 over 6 steps
+        gap = report["denoiser_gap"][arm]
+        assert gap["num_rows"] == args.gap_rows and math.isfinite(gap["endpoint"]["gap"])
+        assert len(gap["per_snr"]) == (9 if ARMS[arm]["objective"] == "dsl" else 0)
+    assert "## Denoiser gap" in (out / "results.md").read_text() and "| oracle / roar |" in (out / "results.md").read_text()
     assert set(report["headline"]) == {"dsl", "dsl-group"}
     # Resuming finds every stage done and rewrites the same report.
     again = main(["--preset", "ci", "--output_dir", str(out)])
     assert json.dumps(again["cells"]) == json.dumps(report["cells"])
+    assert json.dumps(again["denoiser_gap"]) == json.dumps(report["denoiser_gap"])
 
 
 def test_sampler_oracle_shows_tokens_at_the_endpoint_snr_and_writes_its_report(tmp_path):
@@ -160,3 +181,30 @@ def test_sampler_oracle_shows_tokens_at_the_endpoint_snr_and_writes_its_report(t
     report = json.loads((tmp_path / "sampler_oracle.json").read_text())
     assert {row["label"] for row in report["rows"]} >= {"mdlm", "confidence-0.9", "remdm-rescore@s_hi=5"}
     assert "| confidence-budget | hard | 4 |" in (tmp_path / "sampler_oracle.md").read_text()
+
+
+def test_recipe_search_arms_set_their_knobs(tmp_path):
+    args = KnownLawArguments(preset="ci", output_dir=str(tmp_path))
+    resolved = {arm: arm_training_arguments(args, arm, str(tmp_path / arm)) for arm in ARMS}
+    assert resolved["dsl-sharp-token"].per_token_snr and not resolved["dsl-sharp"].per_token_snr
+    assert resolved["dsl-sharp-half"].rho == 0.5 and resolved["dsl-sharp"].rho == args.rho
+    low = resolved["dsl-sharp-low"]
+    assert (low.lognormal_mu, low.lognormal_sigma) == (1.0, 1.5)
+    assert resolved["dsl-sharp-lr"].learning_rate == resolved["dsl-sharp-lr"].dsl_learning_rate == 1e-3
+    assert resolved["dsl-sharp-4x"].max_steps == resolved["mdlm-4x"].max_steps == 4 * args.finetune_steps
+    assert resolved["mdlm-4x"].objective == "mdlm"
+    scratch = resolved["dsl-scratch"]
+    assert arm_steps(args, "dsl-scratch") == scratch.max_steps == args.pretrain_steps + args.finetune_steps
+    assert scratch.lr_scheduler_type == "cosine" and scratch.learning_rate == args.pretrain_learning_rate
+    # The starting weights: the sharp converter on the pretrained weights, E frozen, or a fresh initialization.
+    pretrained = fresh_model(args)
+    stage = Stage(str(tmp_path), "pretrain")
+    pretrained.save_pretrained(stage.path)
+    sharp = arm_start_model(args, "dsl-sharp-frozen", stage)
+    assert float(sharp.converter_beta.detach()) == 3.0
+    assert float(sharp.converter_bias.detach()[-1]) == pytest.approx(math.log(args.vocab_size))
+    assert torch.equal(sharp.converter_bias[:-1], pretrained.converter_bias[:-1].detach())
+    assert not sharp.token_directions.weight.requires_grad and sharp.backbone.vocab_embed.embedding.requires_grad
+    plain = arm_start_model(args, "dsl", stage)
+    assert torch.equal(plain.converter_beta, pretrained.converter_beta) and plain.token_directions.weight.requires_grad
+    assert isinstance(arm_start_model(args, "dsl-scratch", stage), DSLForMaskedDiffusion)

@@ -11,11 +11,17 @@ training stages also checkpoint every --save_steps):
 2. pretrain  - an MDLM (`DSLForMaskedDiffusion` + `DSLTrainer`, objective "mdlm") on fresh law samples;
 3. arms      - equal tokens from the pretrained weights: "mdlm" continued; "dsl" with the reference recipe (one AdamW
                rate, constant 3e-4, EMA 0.999); "dsl-group" with E, beta and b at a higher rate; optionally
-               "dsl-group-w" (the same with W in the group); each arm's ROAR NLL on fresh law samples;
-4. samples   - every (arm, sampler, T, seed) cell draws `samples_per_cell` sequences with the library's samplers;
-               each cell is scored under the law at once (`metrics.py`) and written to its own file;
-5. report    - results.json, results.md, nll_excess_vs_nfe.png, bigram_kl_vs_nfe.png and the headline
-               "NFE DSL+ReMDM needs to match MDLM+ReMDM", with the seed-to-seed noise floor.
+               "dsl-group-w" (the same with W in the group) and the recipe-search arms of `ARMS`; each arm's ROAR
+               NLL on fresh law samples, and its denoiser gap every `gap_log_steps` during training (`gap.py`);
+   gap-<arm> - each arm's final denoiser gap table (per SNR, per token where it trained so, ROAR endpoints);
+4. samples   - every (arm, sampler, T, seed) cell draws `samples_per_cell` sequences with the library's samplers,
+               and every (sampler, T) also on the exact oracle of the law (`oracle.py`, arm "oracle", seeds
+               `oracle_seeds`) beside the arm it was planned for (its E drives the oracle's noisy states): the
+               ceiling of each sampler at that budget. Each cell is scored under the law at once (`metrics.py`)
+               and written to its own file; a rerun draws only the cells missing on disk, also after this stage
+               finished with fewer cells (a new arm, the oracle cells);
+5. report    - results.json, results.md, nll_excess_vs_nfe.png, bigram_kl_vs_nfe.png, ce_gap_vs_snr.png and the
+               headline "NFE DSL+ReMDM needs to match MDLM+ReMDM", with the seed-to-seed noise floor.
 """
 
 from __future__ import annotations
@@ -42,11 +48,24 @@ from .metrics import bigram_kl, nll_scores, nfe_to_match, score_samples
 logger = logging.getLogger("known_law")
 
 # The arms: objective and the parameter group of each. Every arm shares the reference recipe (AdamW, constant rate,
-# no warm-up, EMA 0.999, clip 1.0); only the group below differs. Set explicitly, so that the benchmark does not move
-# when the trainer's defaults do.
+# no warm-up, EMA 0.999, clip 1.0); only the fields below differ. Set explicitly, so that the benchmark does not move
+# when the trainer's defaults do. Optional fields of an arm (the recipe-search knobs):
+#   rho                  ROAR share of the mixture path (default: --rho);
+#   lognormal            (mu, sigma) of the log-normal part (default: --lognormal_mu, --lognormal_sigma);
+#   per_token            log-normal SNRs per token instead of per sequence (the trainer's per_token_snr);
+#   converter_beta       the converter's beta at the start of the arm (the pretrained MDLM never trained it);
+#   converter_mask_bias  the converter's [MASK]-slot bias at the start, a number or "log_vocab" (log V: the mask slot
+#                        then weighs as much as a token at z = 0 and loses to it once beta s > log V, instead of
+#                        outweighing every token up to s ~ log(99 (V + 1)) / beta);
+#   frozen_directions    the token directions E are not trained;
+#   learning_rate        one rate for every parameter instead of --finetune_learning_rate;
+#   steps_factor         the arm runs steps_factor x --finetune_steps (more tokens than the other arms);
+#   from_scratch         random initialization instead of the pretrained MDLM, --pretrain_steps + --finetune_steps at
+#                        the pretraining schedule (cosine from --pretrain_learning_rate, the same warm-up).
 DSL_GROUP_PATTERNS = ["token_directions", "converter_beta", "converter_bias"]  # E, beta, b
 # The DSL arms use the library's mixture path (a quarter of ROAR endpoint rows, log-normal SNRs for the rest) rather
 # than the reference code's all-log-normal path: the discrete samplers compared here feed exactly the endpoint states.
+SHARP = dict(converter_beta=3.0, converter_mask_bias="log_vocab")  # the LLaDA port's sharp converter (METHOD.md 3)
 ARMS = {
     "mdlm": dict(objective="mdlm", patterns=None, group_rate=None),
     "dsl": dict(objective="dsl", patterns=None, group_rate=None),  # one rate for everything (the reference)
@@ -57,7 +76,18 @@ ARMS = {
     # Ablation: the reference recipe with every row a ROAR endpoint row (rho = 1): the network then trains only on
     # the states the discrete samplers show it, as many of them as the MDLM arm sees.
     "dsl-endpoint-only": dict(objective="dsl", patterns=None, group_rate=None, rho=1.0),
+    # The recipe search: the sharp converter, then one knob changed at a time.
+    "dsl-sharp": dict(objective="dsl", patterns=None, group_rate=None, **SHARP),
+    "dsl-sharp-token": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True),
+    "dsl-sharp-half": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, rho=0.5),
+    "dsl-sharp-low": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, lognormal=(1.0, 1.5)),
+    "dsl-sharp-frozen": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, frozen_directions=True),
+    "dsl-sharp-lr": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, learning_rate=1e-3),
+    "dsl-sharp-4x": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, steps_factor=4),
+    "mdlm-4x": dict(objective="mdlm", patterns=None, group_rate=None, steps_factor=4),  # MDLM on dsl-sharp-4x's tokens
+    "dsl-scratch": dict(objective="dsl", patterns=None, group_rate=None, from_scratch=True),
 }
+ORACLE_ARM = "oracle"
 HEADLINE_BASELINE = ("mdlm", "remdm")
 HEADLINE_CANDIDATE = ("dsl", "remdm")
 
@@ -67,7 +97,7 @@ PRESETS = {
         entropy_samples=4000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, embed_dim=8, cond_dim=16,
         batch_size=16, pretrain_steps=12, finetune_steps=6, save_steps=5, step_budgets=[2, 8], samples_per_cell=64,
         sampling_batch_size=32, seeds=[0, 1], secondary_seeds=[0], roar_eval_samples=64,
-        arms=["mdlm", "dsl", "dsl-group"],
+        arms=["mdlm", "dsl", "dsl-group"], gap_log_steps=3, gap_rows=32,
     ),
     "full": dict(
         vocab_size=64, num_states=16, tokens_per_state=16, successors_per_state=3, initial_states=4, length=32,
@@ -75,6 +105,7 @@ PRESETS = {
         cond_dim=64, batch_size=64, pretrain_steps=2500, finetune_steps=1000, save_steps=250,
         step_budgets=[2, 4, 8, 16, 32], samples_per_cell=2000, sampling_batch_size=1000, seeds=[0, 1],
         secondary_seeds=[0], secondary_step_budgets=[4, 16], roar_eval_samples=8192, arms=["mdlm", "dsl", "dsl-group"],
+        gap_log_steps=100, gap_rows=1024,
     ),
 }
 LOOP_MIN_STEPS = 21  # ReMDM's loop needs enough steps to reach its third phase (as in the demo)
@@ -137,6 +168,13 @@ class KnownLawArguments:
         default_factory=lambda: ["dsl", "mdlm"], metadata={"help": "Arms sampled with ROAR (NFE = L); 'none' for no ROAR."}
     )
     roar_eval_samples: int | None = field(default=None, metadata={"help": "Fresh law rows of each arm's ROAR NLL."})
+    oracle_seeds: list[int] = field(
+        default_factory=lambda: [0], metadata={"help": "Sampling seeds of the oracle cells (one per sampler and budget)."}
+    )
+    gap_log_steps: int | None = field(
+        default=None, metadata={"help": "Measure each arm's denoiser gap every N training steps (0 = only at the end)."}
+    )
+    gap_rows: int | None = field(default=None, metadata={"help": "Fixed law rows of the denoiser-gap measurements."})
     threads: int = field(
         default=1,
         metadata={"help": "torch threads (0 = torch's default). 1 by default: on a shared 2-core machine two OpenMP "
@@ -181,6 +219,8 @@ class KnownLawArguments:
             self.roar_arms = []
         if set(self.roar_arms) - set(self.arms):
             raise ValueError(f"roar_arms={self.roar_arms} must be a subset of arms={self.arms}.")
+        if self.gap_log_steps < 0 or self.gap_rows < 2:
+            raise ValueError(f"gap_log_steps={self.gap_log_steps} must be >= 0 and gap_rows={self.gap_rows} >= 2.")
         if set(self.only_arms) - set(self.arms):
             raise ValueError(f"only_arms={self.only_arms} must be a subset of arms={self.arms}.")
         shard, _, count = self.sample_shard.partition("/")
@@ -245,7 +285,7 @@ def training_arguments(args, out_dir: str, steps: int, **overrides):
     return DSLTrainingArguments(**base)
 
 
-def train(args, model, training_args, stream_seed: int) -> dict:
+def train(args, model, training_args, stream_seed: int, callbacks=None) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     from dsl_diffusion.trainer import DiffusionDataCollator, DSLTrainer
@@ -253,7 +293,7 @@ def train(args, model, training_args, stream_seed: int) -> dict:
     law = HiddenMarkovLaw(**torch.load(os.path.join(args.output_dir, "law", "law.pt")))
     trainer = DSLTrainer(
         model=model, args=training_args, train_dataset=LawSampleStream(law, args.length, seed=stream_seed),
-        data_collator=DiffusionDataCollator(),
+        data_collator=DiffusionDataCollator(), callbacks=callbacks,
     )
     checkpoint = get_last_checkpoint(training_args.output_dir) if args.save_steps else None
     start = time.perf_counter()
@@ -269,25 +309,37 @@ def train(args, model, training_args, stream_seed: int) -> dict:
         "final_train_loss": result.training_loss if not losses else losses[-1],
         "loss_history": losses,
         "grad_norm_history": [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry],
+        "gap_history": [entry for entry in trainer.state.log_history if "gap/endpoint" in entry],
     }
 
 
-def stage_pretrain(args, roar_rows: torch.LongTensor) -> Stage:
+def fresh_model(args):
+    """The denoiser at random initialization (seeded), as pretraining starts it."""
     from dsl_diffusion.modeling_dsl import DSLConfig, DSLForMaskedDiffusion
 
-    stage = Stage(args.output_dir, "pretrain")
-    if stage.done:
-        return stage
     torch.manual_seed(args.seed)
     config = DSLConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, cond_dim=args.cond_dim, max_position_embeddings=args.length,
         embed_dim=args.embed_dim, dropout=0.0,
     )
-    model = DSLForMaskedDiffusion(config)
+    return DSLForMaskedDiffusion(config)
+
+
+def pretrain_warmup(steps: int) -> int:
+    return min(100, steps // 10)
+
+
+def stage_pretrain(args, roar_rows: torch.LongTensor) -> Stage:
+    from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+
+    stage = Stage(args.output_dir, "pretrain")
+    if stage.done:
+        return stage
+    model = fresh_model(args)
     training_args = training_arguments(
         args, stage.path, args.pretrain_steps, objective="mdlm", learning_rate=args.pretrain_learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=min(100, args.pretrain_steps // 10), ema_decay=0.0,
+        lr_scheduler_type="cosine", warmup_steps=pretrain_warmup(args.pretrain_steps), ema_decay=0.0,
     )
     record = train(args, model, training_args, stream_seed=100 + args.seed)
     record["parameters_m"] = model.num_parameters() / 1e6
@@ -297,49 +349,105 @@ def stage_pretrain(args, roar_rows: torch.LongTensor) -> Stage:
     return stage
 
 
+def arm_steps(args, arm: str) -> int:
+    spec = ARMS[arm]
+    if spec.get("from_scratch"):
+        return args.pretrain_steps + args.finetune_steps
+    return spec.get("steps_factor", 1) * args.finetune_steps
+
+
 def arm_training_arguments(args, arm: str, out_dir: str):
     spec = ARMS[arm]
+    learning_rate = spec.get("learning_rate", args.finetune_learning_rate)
     overrides = dict(
-        objective=spec["objective"], learning_rate=args.finetune_learning_rate, lr_scheduler_type="constant",
+        objective=spec["objective"], learning_rate=learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, ema_decay=args.ema_decay,
         # MDLM's EMA warm-up (the reference has none): without it, after 1,000 steps at decay 0.999 the exported
         # weights would still hold 37% of the pretrained ones, which would mute whatever the arm learned.
         ema_warmup=True, eos_in_loss="count",
     )
+    if spec.get("from_scratch"):  # the pretraining schedule over the pretraining and fine-tuning steps together
+        learning_rate = args.pretrain_learning_rate
+        overrides.update(learning_rate=learning_rate, lr_scheduler_type="cosine",
+                         warmup_steps=pretrain_warmup(arm_steps(args, arm)))
     if spec["objective"] == "dsl":
-        overrides.update(snr_path="mixture", rho=spec.get("rho", args.rho), lognormal_mu=args.lognormal_mu,
-                         lognormal_sigma=args.lognormal_sigma, roar_lambda=0.0)
+        mu, sigma = spec.get("lognormal", (args.lognormal_mu, args.lognormal_sigma))
+        overrides.update(snr_path="mixture", rho=spec.get("rho", args.rho), lognormal_mu=mu, lognormal_sigma=sigma,
+                         per_token_snr=spec.get("per_token", False), roar_lambda=0.0)
     if spec["patterns"] is None:
         # One rate for every parameter: AdamW is per-parameter, so equal rates and zero decay make it one group.
-        overrides.update(dsl_learning_rate=args.finetune_learning_rate)
+        overrides.update(dsl_learning_rate=learning_rate)
     else:
         overrides.update(
             dsl_parameter_patterns=spec["patterns"], dsl_learning_rate=getattr(args, spec["group_rate"]),
             dsl_group_includes_input_table=spec.get("include_input_table", False),
         )
-    return training_arguments(args, out_dir, args.finetune_steps, **overrides)
+    return training_arguments(args, out_dir, arm_steps(args, arm), **overrides)
+
+
+def arm_start_model(args, arm: str, pretrained: Stage):
+    """The arm's starting weights: the pretrained MDLM (or a fresh init for `from_scratch`), with the arm's converter
+    start values and frozen parameters applied (see `ARMS`)."""
+    from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+
+    spec = ARMS[arm]
+    torch.manual_seed(args.seed)
+    model = fresh_model(args) if spec.get("from_scratch") else DSLForMaskedDiffusion.from_pretrained(pretrained.path)
+    with torch.no_grad():
+        if "converter_beta" in spec:
+            model.converter_beta.fill_(spec["converter_beta"])
+            model.config.converter_beta_init = float(spec["converter_beta"])  # recorded with the saved config
+        if "converter_mask_bias" in spec:
+            value = spec["converter_mask_bias"]
+            value = math.log(model.config.vocab_size) if value == "log_vocab" else float(value)
+            model.converter_bias[model.config.mask_token_id] = value
+            model.config.converter_mask_bias = value
+    if spec.get("frozen_directions"):
+        model.token_directions.weight.requires_grad_(False)
+    return model
+
+
+def gap_rows(args, law: HiddenMarkovLaw) -> torch.LongTensor:
+    """The fixed law rows every denoiser-gap measurement uses (training curves and final tables alike)."""
+    return law.sample(args.gap_rows, args.length, torch.Generator().manual_seed(50_000 + args.seed))
+
+
+def arm_gap_options(arm: str) -> dict:
+    """What the gap measures for an arm: the noisy-state cells for the DSL arms only (an MDLM arm never saw noisy
+    states: its converter is untrained), the per-token cell where the arm trained on per-token SNRs."""
+    spec = ARMS[arm]
+    return {"noisy": spec["objective"] == "dsl", "per_token": bool(spec.get("per_token"))}
 
 
 def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) -> Stage:
     from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
 
+    from .gap import DenoiserGapCallback
+
     stage = Stage(args.output_dir, f"arm-{arm}")
     if stage.done:
         return stage
-    torch.manual_seed(args.seed)
-    model = DSLForMaskedDiffusion.from_pretrained(pretrained.path)
+    model = arm_start_model(args, arm, pretrained)
     before = {"directions": model.token_directions().detach().clone(), "bias": model.converter_bias.detach().clone()}
     training_args = arm_training_arguments(args, arm, stage.path)
+    callbacks = []
+    if args.gap_log_steps:
+        options = arm_gap_options(arm)
+        per_token = (training_args.lognormal_mu, training_args.lognormal_sigma) if options["per_token"] else None
+        law = pretrained_law(args)
+        callbacks.append(DenoiserGapCallback(law, gap_rows(args, law), every=args.gap_log_steps,
+                                             per_token_lognormal=per_token, noisy=options["noisy"], seed=args.seed))
     # Every arm reads the same fresh stream: equal tokens, and the same ones.
-    record = train(args, model, training_args, stream_seed=200 + args.seed)
+    record = train(args, model, training_args, stream_seed=200 + args.seed, callbacks=callbacks)
     model = DSLForMaskedDiffusion.from_pretrained(stage.path).eval()  # the exported (EMA) weights
     cosine = torch.nn.functional.cosine_similarity(model.token_directions().detach(), before["directions"], dim=-1)
     record.update(
         arm=arm,
         recipe={k: getattr(training_args, k) for k in (
             "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "ema_warmup", "dsl_learning_rate",
-            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "roar_lambda",
-            "max_grad_norm", "per_device_train_batch_size")},
+            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "per_token_snr", "roar_lambda",
+            "max_grad_norm", "per_device_train_batch_size", "max_steps")},
+        start={k: v for k, v in ARMS[arm].items() if k not in ("objective", "patterns", "group_rate")},
         endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before the converter endpoint path existed)"),
         directions_mean_cosine_to_init=float(cosine.mean()),
         converter_beta=float(model.converter_beta.detach()),
@@ -349,6 +457,29 @@ def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) ->
     )
     stage.finish(record)
     return stage
+
+
+def stage_gap(args, arm: str, law: HiddenMarkovLaw) -> dict:
+    """The arm's final denoiser gap table (its exported weights), a stage of its own so that arms trained before
+    the gap existed get one too."""
+    from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
+
+    from .gap import DenoiserGap
+
+    stage = Stage(args.output_dir, f"gap-{arm}")
+    if stage.done:
+        return stage.record()
+    arm_path = os.path.join(args.output_dir, f"arm-{arm}")
+    model = DSLForMaskedDiffusion.from_pretrained(arm_path).eval()
+    options = arm_gap_options(arm)
+    per_token = None
+    if options["per_token"]:
+        with open(os.path.join(arm_path, "done.json")) as f:
+            recipe = json.load(f)["recipe"]
+        per_token = (recipe["lognormal_mu"], recipe["lognormal_sigma"])
+    start = time.perf_counter()
+    table = DenoiserGap(law, gap_rows(args, law), seed=args.seed)(model, per_token, noisy=options["noisy"])
+    return stage.finish({"arm": arm, **table, "seconds": time.perf_counter() - start})
 
 
 def pretrained_law(args) -> HiddenMarkovLaw:
@@ -410,8 +541,11 @@ def plan_cells(args) -> list[dict]:
        the hybrid, and DSL+ROAR (NFE = L);
     3. the other DSL arms' ReMDM at the first of `candidate_arm_seeds`, every budget;
     4. ROAR of the other `roar_arms` (e.g. the MDLM arm: its any-order AR samples);
-    5. the other DSL arms' ReMDM at the remaining `candidate_arm_seeds`."""
-    other_arms = [arm for arm in args.arms if ARMS[arm]["objective"] == "dsl" and arm != "dsl"]
+    5. the other arms' ReMDM at the remaining `candidate_arm_seeds`;
+    6. the oracle: each (sampler, T) above once per `oracle_seeds`, beside the arm of its first cell (whose config
+       and E it takes; E matters only to the samplers that show it noisy states: the SDE and the hybrid).
+    New cells go last or come with new arms, so the cells of an earlier plan keep their names (and files)."""
+    other_arms = [arm for arm in args.arms if arm not in ("mdlm", "dsl")]
     cells = []
 
     def remdm(arm, steps, seed):
@@ -434,6 +568,12 @@ def plan_cells(args) -> list[dict]:
     cells += [remdm(arm, steps, seed) for seed in first for arm in other_arms for steps in budgets]
     cells += [roar(arm, seed) for seed in args.secondary_seeds for arm in args.roar_arms if arm != "dsl"]
     cells += [remdm(arm, steps, seed) for seed in rest for arm in other_arms for steps in budgets]
+    oracle_cells = {}
+    for cell in cells:
+        key = (cell["sampler"], cell["num_steps"], json.dumps(cell["knobs"], sort_keys=True))
+        oracle_cells.setdefault(key, cell)
+    cells += [dict(arm=ORACLE_ARM, beside=cell["arm"], sampler=cell["sampler"], num_steps=cell["num_steps"], seed=seed,
+                   knobs=cell["knobs"]) for seed in args.oracle_seeds for cell in oracle_cells.values()]
     for cell in cells:
         label = cell["sampler"] + ("-" + cell["knobs"]["strategy"] if "strategy" in cell["knobs"] else "")
         cell["name"] = f"{cell['arm']}+{label}@T{cell['num_steps']}#seed{cell['seed']}"
@@ -461,12 +601,20 @@ def draw_cell(args, model, cell: dict) -> tuple[torch.LongTensor, float]:
     return torch.cat(sequences), sum(nfe) / len(nfe)
 
 
-def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
+def cell_model(args, law: HiddenMarkovLaw, arm: str, beside: str | None = None):
+    """The denoiser of a cell: an arm's exported weights, or the oracle beside one."""
     from dsl_diffusion.modeling_dsl import DSLForMaskedDiffusion
 
+    from .oracle import oracle_beside
+
+    model = DSLForMaskedDiffusion.from_pretrained(os.path.join(args.output_dir, f"arm-{beside or arm}")).eval()
+    return oracle_beside(law, model) if arm == ORACLE_ARM else model
+
+
+def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
+    # Not skipped once done: a plan with more cells than the finished one (a new arm, the oracle cells) draws only
+    # the missing ones; every cell on disk is reused.
     stage = Stage(args.output_dir, "samples")
-    if stage.done:
-        return stage
     entropy = law_record["entropy"]["entropy_per_token"]
     exact_pairs = law.bigram_marginal(args.length)
     models = {}
@@ -480,10 +628,11 @@ def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
         path = os.path.join(stage.path, cell["name"] + ".json")
         if os.path.isfile(path):
             continue
-        if cell["arm"] not in models:
-            models[cell["arm"]] = DSLForMaskedDiffusion.from_pretrained(os.path.join(args.output_dir, f"arm-{cell['arm']}")).eval()
+        key = (cell["arm"], cell.get("beside"))
+        if key not in models:
+            models[key] = cell_model(args, law, *key)
         start = time.perf_counter()
-        tokens, nfe = draw_cell(args, models[cell["arm"]], cell)
+        tokens, nfe = draw_cell(args, models[key], cell)
         seconds = time.perf_counter() - start
         if (tokens >= args.vocab_size).any():
             raise RuntimeError(f"{cell['name']} left [MASK] in its output")
@@ -492,8 +641,11 @@ def stage_samples(args, law: HiddenMarkovLaw, law_record: dict) -> Stage:
         atomic_write_json(path, record)
         logger.info("%-36s NFE %5.1f  %5.1f s  excess %s  impossible %.3f  KL %s", cell["name"], nfe, seconds,
                     _fmt(record["nll_excess_mean"]), record["impossible_share"], _fmt(record["bigram_kl"]))
-    if all(os.path.isfile(os.path.join(stage.path, cell["name"] + ".json")) for cell in cells):
-        stage.finish({"cells": [cell["name"] for cell in cells]})
+    names = [cell["name"] for cell in cells]
+    if all(os.path.isfile(os.path.join(stage.path, name + ".json")) for name in names) and (
+        not stage.done or stage.record().get("cells") != names
+    ):
+        stage.finish({"cells": names})
     return stage
 
 
@@ -551,6 +703,56 @@ def plot(args, rows: list[dict], law_record: dict) -> list[str]:
     return paths
 
 
+def plot_gap(args, gaps: dict[str, dict]) -> str | None:
+    """ce_gap_vs_snr.png: each DSL arm's denoiser gap against the per-sequence SNR, with its standard error."""
+    from matplotlib.figure import Figure
+
+    noisy = {arm: table for arm, table in gaps.items() if table["per_snr"]}
+    if not noisy:
+        return None
+    figure = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = figure.subplots()
+    for arm, table in noisy.items():
+        snrs = [row["snr"] for row in table["per_snr"]]
+        ax.errorbar(snrs, [row["gap"] for row in table["per_snr"]], yerr=[row["gap_standard_error"] for row in table["per_snr"]],
+                    marker="o", capsize=2, label=f"{arm} (endpoint gap {table['endpoint']['gap']:.3f})")
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("SNR s (one per sequence)")
+    ax.set_ylabel("CE(model) - CE(Bayes) on the same z, nats/token")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.suptitle("Known-law benchmark: denoiser gap", fontsize=11)
+    ax.set_title(f"{next(iter(noisy.values()))['num_rows']} fixed law rows, the oracle with each arm's own E", fontsize=7)
+    path = os.path.join(args.output_dir, "ce_gap_vs_snr.png")
+    figure.savefig(path, dpi=130)
+    return path
+
+
+def gap_markdown(gaps: dict[str, dict]) -> list[str]:
+    snrs = sorted({row["snr"] for table in gaps.values() for row in table["per_snr"]})
+
+    def cell(entry):
+        return "" if entry is None else f"{entry['gap']:.3f} ± {entry['gap_standard_error']:.3f}"
+
+    lines = [
+        "## Denoiser gap: CE(model) - CE(Bayes) on the same inputs (nats/token ± standard error over rows)",
+        "",
+        "Per SNR: every token of a row at s, noisy states through the arm's own E (the oracle reads the same z with "
+        "the same E). Per token: log-normal SNRs per token, for arms trained so. Endpoint: ROAR endpoint rows through "
+        "`input_ids`, the masked positions. Bayes CE in brackets.",
+        "",
+        "| arm | " + " | ".join(f"s = {s:g}" for s in snrs) + " | per token | endpoint |",
+        "|---|" + "---|" * (len(snrs) + 2),
+    ]
+    for arm, table in gaps.items():
+        by_snr = {row["snr"]: row for row in table["per_snr"]}
+        endpoint = table["endpoint"]
+        lines.append(f"| {arm} | " + " | ".join(cell(by_snr.get(s)) for s in snrs) + f" | {cell(table['per_token'])} | "
+                     f"{cell(endpoint)} [{endpoint['oracle_ce']:.3f}] |")
+    return lines + [""]
+
+
 def headline(args, rows: list[dict]) -> dict:
     def pick(arm, sampler):
         return [r for r in rows if r["arm"] == arm and r["sampler"] == sampler]
@@ -566,7 +768,7 @@ def headline(args, rows: list[dict]) -> dict:
     return out
 
 
-def markdown(args, rows: list[dict], law_record: dict, arms: dict, heads: dict) -> str:
+def markdown(args, rows: list[dict], law_record: dict, arms: dict, heads: dict, gaps: dict) -> str:
     entropy = law_record["entropy"]
     lines = [
         "# Known-law benchmark",
@@ -592,12 +794,14 @@ def markdown(args, rows: list[dict], law_record: dict, arms: dict, heads: dict) 
             f"{roar['nll_per_token'] - entropy['entropy_per_token']:+.4f} | {record['all_masked_marginal_tv_mean']:.4f} | "
             f"{record['converter_mask_slot_weight_at_z0']:.3f} | {record['train_seconds']:.0f} |"
         )
+    lines += [""] + gap_markdown(gaps)
     steps = sorted({r["num_steps"] for r in rows})
     lines += [
-        "",
         "## NLL excess (mean / median over possible samples, nats/token) · impossible share · bigram KL",
         "",
-        "Each cell: mean over seeds; seeds listed. NFE is the measured number of network calls.",
+        "Each cell: mean over seeds; seeds listed. NFE is the measured number of network calls. The `oracle` rows run "
+        "the same sampler on the exact denoiser of the law (its ceiling at that budget; for the SDE and the hybrid "
+        "with the E of the arm the cell was planned for).",
         "",
         "| arm / sampler | seeds | " + " | ".join(f"T = {t}" for t in steps) + " |",
         "|---|---|" + "---|" * len(steps),
@@ -635,12 +839,14 @@ def markdown(args, rows: list[dict], law_record: dict, arms: dict, heads: dict) 
     return "\n".join(lines) + "\n"
 
 
-def stage_report(args, law_record: dict, arm_stages: dict[str, Stage], pretrain: Stage) -> dict:
+def stage_report(args, law_record: dict, arm_stages: dict[str, Stage], pretrain: Stage, gaps: dict) -> dict:
     rows = load_cells(args)
     arms = {"pretrained (MDLM)": pretrain.record(), **{name: stage.record() for name, stage in arm_stages.items()}}
     heads = headline(args, rows)
     plots = plot(args, rows, law_record)
-    table = markdown(args, rows, law_record, arms, heads)
+    gap_plot = plot_gap(args, gaps)
+    plots += [gap_plot] if gap_plot else []
+    table = markdown(args, rows, law_record, arms, heads, gaps)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table)
     report = {
@@ -650,6 +856,7 @@ def stage_report(args, law_record: dict, arm_stages: dict[str, Stage], pretrain:
         "arms": arms,
         "cells": rows,
         "headline": heads,
+        "denoiser_gap": gaps,
         "plots": plots,
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                         "threads": torch.get_num_threads()},
@@ -675,14 +882,16 @@ def run(args: KnownLawArguments) -> dict:
     if args.only_arms:
         for arm in args.only_arms:
             stage_arm(args, arm, pretrain, roar_rows)
+            stage_gap(args, arm, law)
         return {}
     arm_stages = {arm: stage_arm(args, arm, pretrain, roar_rows) for arm in args.arms}
+    gaps = {arm: stage_gap(args, arm, law) for arm in args.arms}
     if args.stop_after == "arms":
         return {}
     samples = stage_samples(args, law, law_record)
-    if args.stop_after == "samples" or not samples.done:
+    if args.stop_after == "samples" or not samples.done or samples.record()["cells"] != [c["name"] for c in plan_cells(args)]:
         return {}
-    report = stage_report(args, law_record, arm_stages, pretrain)
+    report = stage_report(args, law_record, arm_stages, pretrain, gaps)
     logger.info("known-law benchmark finished in %.1f s (this session)", time.perf_counter() - start)
     return report
 
