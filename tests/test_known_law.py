@@ -191,7 +191,9 @@ def test_recipe_search_arms_set_their_knobs(tmp_path):
     low = resolved["dsl-sharp-low"]
     assert (low.lognormal_mu, low.lognormal_sigma) == (1.0, 1.5)
     assert resolved["dsl-sharp-lr"].learning_rate == resolved["dsl-sharp-lr"].dsl_learning_rate == 1e-3
-    assert resolved["dsl-sharp-4x"].max_steps == resolved["mdlm-4x"].max_steps == 4 * args.finetune_steps
+    assert resolved["dsl-sharp-token-4x"].max_steps == resolved["mdlm-4x"].max_steps == 4 * args.finetune_steps
+    assert resolved["dsl-sharp-token-4x"].per_token_snr and resolved["dsl-scratch"].per_token_snr
+    assert resolved["dsl-sharp-smooth"].roar_smoothed and not resolved["dsl-sharp"].roar_smoothed
     assert resolved["mdlm-4x"].objective == "mdlm"
     scratch = resolved["dsl-scratch"]
     assert arm_steps(args, "dsl-scratch") == scratch.max_steps == args.pretrain_steps + args.finetune_steps

@@ -85,6 +85,25 @@ def test_marginals_equal_brute_force_for_ids_and_noisy_states():
     assert torch.allclose(oracle(noisy_states=torch.zeros(1, LENGTH, 4)).logits, logits[:1], atol=1e-6)
 
 
+def test_rows_that_underflow_the_rescaled_pass_are_recomputed_in_log_space():
+    oracle = small_oracle()
+    law = build_law(SMALL)
+    impossible_first = int((law.first_token_marginal() == 0).nonzero()[0])
+    # Row 0: overwhelming evidence (SNR 2,000) for a first token the law rules out: every other token's likelihood
+    # is below exp(-745) after the max is taken out, so the rescaled messages underflow to 0. Row 1: ordinary.
+    states = torch.randn(2, LENGTH, 4, generator=torch.Generator().manual_seed(2))
+    states[0, 0] = 2000.0 * oracle.directions[impossible_first].float()
+    evidence = oracle.state_log_evidence(states)
+    _, smallest_scale = oracle._scaled_posterior(evidence)
+    assert smallest_scale[0] == 0 and smallest_scale[1] > 1e-3, "row 0 must take the log-space path, row 1 not"
+    posterior = oracle.log_posterior(evidence)
+    for row in range(2):
+        assert torch.allclose(posterior[row].exp(), brute_force_marginals(law, evidence[row]), rtol=0, atol=1e-10)
+    # The two passes agree wherever the rescaled one holds: only float64 rounding separates them.
+    scaled, _ = oracle._scaled_posterior(evidence[1:])
+    assert torch.allclose(scaled.exp(), oracle._log_space_posterior(evidence[1:]).exp(), rtol=0, atol=1e-12)
+
+
 def test_beside_a_model_takes_its_config_and_directions_and_rejects_bad_input():
     torch.manual_seed(0)
     model = DSLForMaskedDiffusion(small_config(embed_dim=3)).eval()

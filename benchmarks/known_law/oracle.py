@@ -12,8 +12,8 @@ It follows the samplers' model contract (`modeling_dsl/samplers.py`), so every s
 
 The logits are the log posterior marginals (normalized, so softmax gives them back), over the model's V output
 classes (DSL predicts no `[MASK]` class); a token the law cannot put at a position given the evidence is log 0 =
--inf. Everything is computed in float64 by the forward-backward algorithm in log space; only the returned logits are
-cast to float32, the dtype of the DSL model's logits.
+-inf. Everything is computed in float64 by the forward-backward algorithm (rescaled messages, log space where those
+underflow); only the returned logits are cast to float32, the dtype of the DSL model's logits.
 
 Build it with `oracle_beside(law, model)`: the posterior then reads noisy states with that model's own E, so the
 oracle is the ceiling of that arm on the very same z.
@@ -39,6 +39,9 @@ EVIDENCE_FLOOR = 1e-30
 # Entries of the [positions, K, V] tensors of one logsumexp chunk: 256K float64 (2 MB) stay in cache, measured 3x
 # faster than 8M-entry chunks on a CPU at the full preset's size (K = 16, V = 64, 32,000 positions).
 CHUNK_ENTRIES = 2**18
+# A rescaled forward-backward message or posterior normalizer below this has lost precision to underflow (float64's
+# smallest normal number is 2e-308): that row is recomputed in log space.
+SCALED_UNDERFLOW = 1e-250
 
 
 class HMMOracleDenoiser(nn.Module):
@@ -143,9 +146,46 @@ class HMMOracleDenoiser(nn.Module):
         """`[B, L, V]` float64 log p(x_i = v | evidence at every position), normalized over v.
 
         `token_log_evidence[b, i, v]` is log p(evidence_i | x_i = v) up to a constant per position. Forward-backward
-        in log space: alpha_pred[i] = log p(h_i, evidence before i), beta[i] = log p(evidence after i | h_i); then
-        p(x_i = v | all) is proportional to sum_k exp(alpha_pred[i, k] + beta[i, k]) B[k, v] lik_i(v).
+        with messages rescaled to sum 1 at every position (`_scaled_posterior`, matrix products, ~4x faster than log
+        space); the rows where that underflows (a position whose likeliest tokens the law rules out, the rest of its
+        evidence below exp(-745)) are recomputed in log space (`_log_space_posterior`), so both give the same answer.
         """
+        posterior, smallest_scale = self._scaled_posterior(token_log_evidence)
+        failed = smallest_scale < SCALED_UNDERFLOW
+        if failed.any():
+            posterior[failed] = self._log_space_posterior(token_log_evidence[failed])
+        return posterior
+
+    def _scaled_posterior(self, token_log_evidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward-backward on likelihoods exp(evidence - max_v evidence), each message rescaled to sum 1: the scales
+        cancel in the normalized posterior. Also returns each row's smallest scale (0 where a message underflowed)."""
+        batch, length, vocab = token_log_evidence.shape
+        likelihood = (token_log_evidence - token_log_evidence.amax(dim=-1, keepdim=True)).exp()
+        emission, transition = self.log_emission.exp(), self.log_transition.exp()
+        state_evidence = likelihood @ emission.T  # [B, L, K]: p(evidence_i | h_i = k), up to a constant
+        scales = []
+
+        def rescaled(message):
+            scale = message.sum(dim=-1, keepdim=True)
+            scales.append(scale)
+            return message / scale
+
+        predicted = [self.log_initial.exp().expand(batch, -1)]
+        for i in range(length - 1):
+            predicted.append(rescaled((predicted[-1] * state_evidence[:, i]) @ transition))
+        after = [torch.ones_like(predicted[0])]
+        for i in range(length - 1, 0, -1):
+            after.append(rescaled((state_evidence[:, i] * after[-1]) @ transition.T))
+        # p(h_i = k, evidence at every position but i), up to a constant per position.
+        without_own = torch.stack(predicted, dim=1) * torch.stack(after[::-1], dim=1)
+        joint = (without_own @ emission) * likelihood
+        normalizer = joint.sum(dim=-1, keepdim=True)
+        smallest = torch.cat([*scales, normalizer.view(batch, length)], dim=-1).nan_to_num(0.0).amin(dim=-1)
+        return (joint / normalizer).log(), smallest
+
+    def _log_space_posterior(self, token_log_evidence: torch.Tensor) -> torch.Tensor:
+        """The same posterior in log space: alpha_pred[i] = log p(h_i, evidence before i), beta[i] = log p(evidence
+        after i | h_i); p(x_i = v | all) is proportional to sum_k exp(alpha_pred[i, k] + beta[i, k]) B[k, v] lik_i(v)."""
         batch, length, vocab = token_log_evidence.shape
         flat_evidence = token_log_evidence.reshape(-1, vocab)
         # log p(evidence_i | h_i = k) = logsumexp_v (log B[k, v] + log lik_i(v)).

@@ -53,6 +53,7 @@ logger = logging.getLogger("known_law")
 #   rho                  ROAR share of the mixture path (default: --rho);
 #   lognormal            (mu, sigma) of the log-normal part (default: --lognormal_mu, --lognormal_sigma);
 #   per_token            log-normal SNRs per token instead of per sequence (the trainer's per_token_snr);
+#   roar_smoothed        smoothed ROAR rows: masked tokens at s ~ U[0, 1), visible ones at s ~ U[0.8, 1] s_max;
 #   converter_beta       the converter's beta at the start of the arm (the pretrained MDLM never trained it);
 #   converter_mask_bias  the converter's [MASK]-slot bias at the start, a number or "log_vocab" (log V: the mask slot
 #                        then weighs as much as a token at z = 0 and loses to it once beta s > log V, instead of
@@ -77,15 +78,17 @@ ARMS = {
     # the states the discrete samplers show it, as many of them as the MDLM arm sees.
     "dsl-endpoint-only": dict(objective="dsl", patterns=None, group_rate=None, rho=1.0),
     # The recipe search: the sharp converter, then one knob changed at a time.
+    "dsl-beta": dict(objective="dsl", patterns=None, group_rate=None, converter_beta=3.0),  # beta 3 alone
     "dsl-sharp": dict(objective="dsl", patterns=None, group_rate=None, **SHARP),
     "dsl-sharp-token": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True),
     "dsl-sharp-half": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, rho=0.5),
+    "dsl-sharp-smooth": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, roar_smoothed=True),
     "dsl-sharp-low": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, lognormal=(1.0, 1.5)),
     "dsl-sharp-frozen": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, frozen_directions=True),
     "dsl-sharp-lr": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, learning_rate=1e-3),
-    "dsl-sharp-4x": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, steps_factor=4),
-    "mdlm-4x": dict(objective="mdlm", patterns=None, group_rate=None, steps_factor=4),  # MDLM on dsl-sharp-4x's tokens
-    "dsl-scratch": dict(objective="dsl", patterns=None, group_rate=None, from_scratch=True),
+    "dsl-sharp-token-4x": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True, steps_factor=4),
+    "mdlm-4x": dict(objective="mdlm", patterns=None, group_rate=None, steps_factor=4),  # on the 4x DSL arm's tokens
+    "dsl-scratch": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True, from_scratch=True),
 }
 ORACLE_ARM = "oracle"
 HEADLINE_BASELINE = ("mdlm", "remdm")
@@ -373,7 +376,8 @@ def arm_training_arguments(args, arm: str, out_dir: str):
     if spec["objective"] == "dsl":
         mu, sigma = spec.get("lognormal", (args.lognormal_mu, args.lognormal_sigma))
         overrides.update(snr_path="mixture", rho=spec.get("rho", args.rho), lognormal_mu=mu, lognormal_sigma=sigma,
-                         per_token_snr=spec.get("per_token", False), roar_lambda=0.0)
+                         per_token_snr=spec.get("per_token", False), roar_smoothed=spec.get("roar_smoothed", False),
+                         roar_lambda=0.0)
     if spec["patterns"] is None:
         # One rate for every parameter: AdamW is per-parameter, so equal rates and zero decay make it one group.
         overrides.update(dsl_learning_rate=learning_rate)
@@ -445,8 +449,8 @@ def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) ->
         arm=arm,
         recipe={k: getattr(training_args, k) for k in (
             "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "ema_warmup", "dsl_learning_rate",
-            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "per_token_snr", "roar_lambda",
-            "max_grad_norm", "per_device_train_batch_size", "max_steps")},
+            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "per_token_snr", "roar_smoothed",
+            "roar_lambda", "max_grad_norm", "per_device_train_batch_size", "max_steps")},
         start={k: v for k, v in ARMS[arm].items() if k not in ("objective", "patterns", "group_rate")},
         endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before the converter endpoint path existed)"),
         directions_mean_cosine_to_init=float(cosine.mean()),
