@@ -147,7 +147,15 @@ def test_stages_run_end_to_end_and_resume(tmp_path):
         assert gap["num_rows"] == args.gap_rows and math.isfinite(gap["endpoint"]["gap"])
         assert len(gap["per_snr"]) == (9 if ARMS[arm]["objective"] == "dsl" else 0)
     assert "## Denoiser gap" in (out / "results.md").read_text() and "| oracle / roar |" in (out / "results.md").read_text()
-    assert set(report["headline"]) == {"dsl", "dsl-group"}
+    # The headline: every sampler of the candidate arm against the baseline's better of MDLM and ReMDM per budget,
+    # with both samplers' oracle ceilings.
+    assert set(report["headline"]) == {f"dsl / {name}" for name in (
+        "remdm", "dsl-sde", "hybrid", "remdm-rescore", "confidence", "dsl-sde-revision")}
+    for metrics in report["headline"].values():
+        for entry in metrics["nll_excess_mean"]["entries"]:
+            assert entry["baseline_sampler"] in ("mdlm", "remdm")
+            assert entry["oracle_baseline"] is not None and entry["oracle_candidate_same_steps"] is not None
+    assert "dsl-sharp-smooth: smoothed ROAR" in (out / "results.md").read_text()
     # Resuming finds every stage done and rewrites the same report.
     again = main(["--preset", "ci", "--output_dir", str(out)])
     assert json.dumps(again["cells"]) == json.dumps(report["cells"])
@@ -197,6 +205,7 @@ def test_recipe_search_arms_set_their_knobs(tmp_path):
     assert resolved["mdlm-4x"].objective == "mdlm"
     scratch = resolved["dsl-scratch"]
     assert arm_steps(args, "dsl-scratch") == scratch.max_steps == args.pretrain_steps + args.finetune_steps
+    assert arm_steps(args, "dsl-scratch-4x") == args.pretrain_steps + arm_steps(args, "mdlm-4x")
     assert scratch.lr_scheduler_type == "cosine" and scratch.learning_rate == args.pretrain_learning_rate
     # The starting weights: the sharp converter on the pretrained weights, E frozen, or a fresh initialization.
     pretrained = fresh_model(args)
