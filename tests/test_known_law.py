@@ -150,7 +150,7 @@ def test_stages_run_end_to_end_and_resume(tmp_path):
     # The headline: every sampler of the candidate arm against the baseline's better of MDLM and ReMDM per budget,
     # with both samplers' oracle ceilings.
     assert set(report["headline"]) == {f"dsl / {name}" for name in (
-        "remdm", "dsl-sde", "hybrid", "remdm-rescore", "confidence", "dsl-sde-revision")}
+        "remdm", "dsl-sde", "hybrid", "remdm-rescore", "confidence", "dsl-sde-revision", "dsl-sde-lognormal", "hybrid-half")}
     for metrics in report["headline"].values():
         for entry in metrics["nll_excess_mean"]["entries"]:
             assert entry["baseline_sampler"] in ("mdlm", "remdm")

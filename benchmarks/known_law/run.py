@@ -112,10 +112,12 @@ CANDIDATE_SAMPLERS = ("remdm", "dsl-sde", "hybrid")
 # The pair's other samplers (at the secondary budgets and seeds): confidence-aware parallel decoding for both, and
 # ReMDM with re-scored remasking for the DSL arm (it needs a model that predicts every position).
 SECONDARY_BASELINE_SAMPLERS = ("confidence",)
-SECONDARY_CANDIDATE_SAMPLERS = ("remdm-rescore", "confidence", "dsl-sde-revision")
+SECONDARY_CANDIDATE_SAMPLERS = ("remdm-rescore", "confidence", "dsl-sde-revision", "dsl-sde-lognormal", "hybrid-half")
 # Rows that run a library sampler with a knob set of their own, under a name of their own (their own curve): the
-# DSL-SDE with one round of draft revision after its last step, a quarter of the budget spent on it (`sampler_cell`).
-SAMPLER_VARIANTS = {"dsl-sde-revision": "dsl-sde"}
+# DSL-SDE with one round of draft revision after its last step, a quarter of the budget spent on it, and the DSL-SDE
+# on the log-normal grid (quantiles of the training SNR law) instead of the log-linear one, and the hybrid with half
+# the steps discrete (its defaults before the oracle sweep: T // 2 SDE steps up to s* = 10 on the log-linear grid).
+SAMPLER_VARIANTS = {"dsl-sde-revision": "dsl-sde", "dsl-sde-lognormal": "dsl-sde", "hybrid-half": "hybrid"}
 # The other arms' samplers, by objective, at `other_arm_step_budgets`.
 OTHER_ARM_SAMPLERS = {"mdlm": ("remdm",), "dsl": ("remdm", "dsl-sde", "hybrid")}
 
@@ -585,6 +587,10 @@ def sampler_cell(args, arm: str, sampler: str, steps: int, seed: int) -> dict:
         knobs = {"eta": 0.04}
     elif sampler == "dsl-sde":
         knobs = {"snr_schedule": "log-linear"}
+    elif sampler == "hybrid-half":
+        knobs = {"continuous_steps": steps // 2, "snr_star": 10.0, "snr_schedule": "log-linear"}
+    elif sampler == "dsl-sde-lognormal":
+        knobs = {"snr_schedule": "log-normal"}
     elif sampler == "dsl-sde-revision":  # T - T/4 SDE steps, one round of T/4 revision steps: NFE T + 2 (SDE: T + 1)
         revision_steps = max(1, steps // 4)
         knobs = {"snr_schedule": "log-linear", "num_steps": steps - revision_steps, "revision_rounds": 1,
@@ -613,7 +619,8 @@ def plan_cells(args) -> list[dict]:
 
     def sweep(arms_and_samplers, budgets, seeds):
         return [sampler_cell(args, arm, sampler, steps, seed) for seed in seeds for steps in budgets
-                for arm, samplers in arms_and_samplers for sampler in samplers if steps >= 2 or sampler != "hybrid"]
+                for arm, samplers in arms_and_samplers for sampler in samplers
+                if steps >= 2 or SAMPLER_VARIANTS.get(sampler, sampler) != "hybrid"]
 
     first, rest = args.other_arm_seeds[:1], args.other_arm_seeds[1:]
     others = [(arm, OTHER_ARM_SAMPLERS[ARMS[arm]["objective"]]) for arm in other_arms]
