@@ -66,19 +66,27 @@ def plot_metric_vs_nfe(
     title: str | None = None,
     log_y: bool = False,
     caption: str | None = None,
+    xticks: Sequence[float] | None = None,
+    styles: Mapping[str, Mapping] | None = None,
 ) -> Path:
-    """Save a PNG of ``metric_name`` against NFE (log scale, ticks at the measured NFEs), one line per curve.
+    """Save a PNG of ``metric_name`` against NFE (log scale), one line per curve.
 
     ``caption`` (e.g. the featurizer, judge, sample counts and seeds) is printed in small type under the title.
+    ``xticks`` are the labelled NFEs (default: every measured NFE; pass the step budgets when samplers spend a call
+    or two more than T, or the labels collide). ``styles`` maps a curve's label to matplotlib line keywords (color,
+    linestyle, marker, ...), so that related curves can share a color. With more than six curves the legend goes
+    beside the axes, where it covers no point.
     """
     if not curves:
         raise ValueError("No curves to plot")
-    figure = Figure(figsize=(6.4, 4.6), layout="constrained")
+    styles = styles or {}
+    beside = len(curves) > 6
+    figure = Figure(figsize=(8.4 if beside else 6.4, 4.6), layout="constrained")
     ax = figure.subplots()
     for curve in curves:
-        ax.plot(curve.nfe, curve.values, marker="o", label=curve.label)
+        ax.plot(curve.nfe, curve.values, **{"marker": "o", **styles.get(curve.label, {})}, label=curve.label)
     ax.set_xscale("log")
-    ax.set_xticks(sorted({nfe for curve in curves for nfe in curve.nfe}))
+    ax.set_xticks(sorted(set(xticks)) if xticks else sorted({nfe for curve in curves for nfe in curve.nfe}))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     if log_y:
@@ -86,7 +94,10 @@ def plot_metric_vs_nfe(
     ax.set_xlabel("NFE (denoiser forward passes per sample)")
     ax.set_ylabel(metric_name)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    if beside:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
     if caption:

@@ -1,6 +1,6 @@
 """The known-law benchmark: does DSL+ReMDM match MDLM+ReMDM with fewer denoiser calls, on a law whose answer is known?
 
-    python -m benchmarks.known_law.run --output_dir outputs/known-law            # the full run (~50 min, 2 CPU cores)
+    python -m benchmarks.known_law.run --output_dir outputs/known-law            # the full run (~1 h, 2 quiet CPU cores)
     python -m benchmarks.known_law.run --preset ci --output_dir /tmp/kl          # the CI size (seconds)
 
 Stages (each writes under --output_dir and is skipped once its `done.json` exists, so an interrupted run resumes;
@@ -755,17 +755,25 @@ def plot(args, rows: list[dict], law_record: dict) -> list[str]:
     caption = (f"sticky sparse HMM V={args.vocab_size}, K={args.num_states}, L={args.length}; {args.samples_per_cell} "
                f"samples/cell, mean over seeds {args.seeds} (headline) / {args.secondary_seeds}; top_p=1")
     floor = sum(f["bigram_kl"] for f in law_record["true_sample_floor"]) / len(law_record["true_sample_floor"])
+    # The headline pair's samplers at every budget and their oracle ceilings (the secondary samplers, drawn at two
+    # budgets, are in the tables): one color per sampler, the baseline dashed, the candidate solid, the oracle dotted.
+    samplers = {args.baseline_arm: BASELINE_SAMPLERS, args.candidate_arm: CANDIDATE_SAMPLERS,
+                ORACLE_ARM: BASELINE_SAMPLERS + CANDIDATE_SAMPLERS}
+    headline_rows = [row for row in rows if row["sampler"] in samplers.get(row["arm"], ())]
+    colors = {sampler: f"C{i}" for i, sampler in enumerate(dict.fromkeys(BASELINE_SAMPLERS + CANDIDATE_SAMPLERS))}
+    lines = {args.baseline_arm: dict(linestyle="--", marker="s"), args.candidate_arm: dict(linestyle="-", marker="o"),
+             ORACLE_ARM: dict(linestyle=":", marker="x", alpha=0.8)}
+    styles = {f"{arm} / {sampler}": dict(color=colors[sampler], **lines[arm]) for arm in samplers for sampler in samplers[arm]}
     paths = []
     for metric, name, file, log_y in (
         ("nll_excess_mean", "true-law NLL/token minus entropy (possible samples), nats", "nll_excess_vs_nfe.png", False),
         ("bigram_kl", f"bigram KL to the exact law (true-sample floor {floor:.4f})", "bigram_kl_vs_nfe.png", True),
         ("impossible_share", "share of impossible samples (p(x) = 0)", "impossible_share_vs_nfe.png", False),
     ):
-        pair = [row for row in rows if row["arm"] in (args.baseline_arm, args.candidate_arm, ORACLE_ARM)]
-        curves = curves_from_rows(seed_mean_rows(pair, metric), metric, group_keys=("arm", "sampler"))
-        curves = [c for c in curves if len(c.nfe) > 1 or "roar" in c.label]
+        curves = curves_from_rows(seed_mean_rows(headline_rows, metric), metric, group_keys=("arm", "sampler"))
         paths.append(str(plot_metric_vs_nfe(curves, os.path.join(args.output_dir, file), name,
-                                            title="Known-law benchmark", log_y=log_y, caption=caption)))
+                                            title="Known-law benchmark", log_y=log_y, caption=caption,
+                                            xticks=args.step_budgets, styles=styles)))
     return paths
 
 
@@ -878,15 +886,16 @@ def markdown(args, rows: list[dict], law_record: dict, arms: dict, heads: dict, 
             f"seed {f['seed']}: NLL excess {f['nll_excess_mean']:+.4f}, bigram KL {f['bigram_kl']:.4f}"
             for f in law_record["true_sample_floor"]),
         "",
-        "## Arms (equal tokens from the same MDLM)",
+        "## Arms (from the pretrained MDLM, or from random weights where the recipe says from_scratch)",
         "",
-        "| arm | ROAR NLL (nats/token) | minus entropy | all-masked TV to exact marginals | mask-slot weight at z=0 | train s |",
-        "|---|---|---|---|---|---|",
+        "| arm | training tokens | ROAR NLL (nats/token) | minus entropy | all-masked TV to exact marginals | "
+        "mask-slot weight at z=0 | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, record in arms.items():
         roar = record["roar_nll"]
         lines.append(
-            f"| {name} | {roar['nll_per_token']:.4f} ± {roar['standard_error'] or 0:.4f} | "
+            f"| {name} | {record['tokens'] / 1e6:.2f}M | {roar['nll_per_token']:.4f} ± {roar['standard_error'] or 0:.4f} | "
             f"{roar['nll_per_token'] - entropy['entropy_per_token']:+.4f} | {record['all_masked_marginal_tv_mean']:.4f} | "
             f"{record['converter_mask_slot_weight_at_z0']:.3f} | {record['train_seconds']:.0f} |"
         )
