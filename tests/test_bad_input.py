@@ -447,6 +447,8 @@ TRAINING_CASES = [
     (dict(smoothed_snr_lo=0.0), "smoothed_snr_lo=0.0"),
     (dict(snr_max=INF), "snr_max=inf must be a finite SNR > 0"),
     (dict(rho=NAN), "rho=nan (ROAR fraction) must lie in [0, 1]"),
+    (dict(per_token_snr=True, per_token_snr_fraction=NAN), "per_token_snr_fraction=nan (share of per-token rows)"),
+    (dict(per_token_snr_fraction=0.5), "per_token_snr_fraction=0.5 needs per_token_snr=True"),
     (dict(time_eps=1.0), "time_eps=1.0 must lie in (0, 1)"),
     (dict(ema_decay=1.0), "ema_decay=1.0 must lie in [0, 1)"),
     (dict(objective="elbo"), "objective='elbo' is not supported"),

@@ -192,6 +192,33 @@ def test_reference_mixed_path_is_floor_quarter_roar_rows_and_lognormal_4_1_5():
         MixturePath(row_count="round")
 
 
+def test_lognormal_per_token_fraction_mixes_per_token_and_per_sequence_rows():
+    mu, sigma, rows, length = 2.69, 1.41, 4000, 8
+    generator = torch.Generator().manual_seed(5)
+    snr = LogNormalPath(mu=mu, sigma=sigma, per_token=True, per_token_fraction=0.25).sample(rows, length, generator=generator)
+    one_snr = (snr == snr[:, :1]).all(dim=1)
+    # Each row is per-token with probability 1/4: the count of one-SNR rows is Binomial(4000, 3/4) (sd 27).
+    assert abs(one_snr.sum().item() - 0.75 * rows) < 4 * math.sqrt(rows * 0.75 * 0.25)
+    # Both kinds of row keep the log-normal marginal, and the per-token rows stay independent along the row.
+    per_token_rows = snr[~one_snr].log()
+    for log_snr in (snr[one_snr, 0].log(), per_token_rows.flatten()):
+        assert stats.kstest(log_snr.numpy(), "norm", args=(mu, sigma)).pvalue > 1e-3
+    assert abs(torch.corrcoef(per_token_rows[:, :2].T)[0, 1].item()) < 0.1
+    # A fraction of 1 is the plain per-token path, draw for draw.
+    plain = LogNormalPath(mu=mu, sigma=sigma, per_token=True).sample(16, length, generator=torch.Generator().manual_seed(2))
+    whole = LogNormalPath(mu=mu, sigma=sigma, per_token=True, per_token_fraction=1.0).sample(
+        16, length, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(plain, whole)
+    with pytest.raises(ValueError, match="per_token_fraction=0.5 needs per_token=True"):
+        LogNormalPath(per_token_fraction=0.5)
+    with pytest.raises(ValueError, match=r"per_token_fraction must lie in \[0, 1\], got 1.5"):
+        LogNormalPath(per_token=True, per_token_fraction=1.5)
+    with pytest.raises(ValueError, match="applies to the log-normal paths.*not to snr_path='loglinear'"):
+        build_snr_path("loglinear", per_token=True, per_token_fraction=0.5)
+    assert build_snr_path("mixture", per_token=True, per_token_fraction=0.5).continuous.per_token_fraction == 0.5
+
+
 def test_build_snr_path_and_validation():
     assert isinstance(build_snr_path("mixture", rho=0.5), MixturePath)
     assert build_snr_path("roar_smoothed").smoothed

@@ -202,6 +202,9 @@ def test_recipe_search_arms_set_their_knobs(tmp_path):
     assert resolved["dsl-sharp-token-4x"].max_steps == resolved["mdlm-4x"].max_steps == 4 * args.finetune_steps
     assert resolved["dsl-sharp-token-4x"].per_token_snr and resolved["dsl-scratch"].per_token_snr
     assert resolved["dsl-sharp-smooth"].roar_smoothed and not resolved["dsl-sharp"].roar_smoothed
+    mix = resolved["dsl-scratch-mix"]
+    assert mix.per_token_snr and mix.per_token_snr_fraction == 0.5 and resolved["dsl-scratch"].per_token_snr_fraction == 1.0
+    assert mix.build_snr_path().continuous.per_token_fraction == 0.5
     assert resolved["mdlm-4x"].objective == "mdlm"
     scratch = resolved["dsl-scratch"]
     assert arm_steps(args, "dsl-scratch") == scratch.max_steps == args.pretrain_steps + args.finetune_steps

@@ -183,18 +183,36 @@ class LogNormalPath(_ContinuousPath):
 
     Defaults are the OpenWebText values of METHOD.md (mu 2.69, sigma 1.41, median SNR ~14.7); text8-like data
     uses mu 1.4, sigma 0.55. The grid takes quantiles of the same distribution, truncated at ``snr_max``.
+
+    With ``per_token``, ``per_token_fraction`` < 1 draws per-token SNRs for that share of the rows only (each row
+    chooses by a coin) and one SNR for each of the others: the SDE samplers show the network every position at one
+    SNR, which independent per-token draws almost never produce, so a mixture trains on both.
     """
 
-    def __init__(self, mu: float = 2.69, sigma: float = 1.41, per_token: bool = False, snr_max: float = 100.0):
+    def __init__(
+        self,
+        mu: float = 2.69,
+        sigma: float = 1.41,
+        per_token: bool = False,
+        snr_max: float = 100.0,
+        per_token_fraction: float = 1.0,
+    ):
         if not math.isfinite(mu):
             raise ValueError(f"mu must be finite, got {mu!r}")
         _check_positive("sigma", sigma)
         _check_positive("snr_max", snr_max)
+        _check_fraction("per_token_fraction", per_token_fraction)
+        if per_token_fraction != 1.0 and not per_token:
+            raise ValueError(f"per_token_fraction={per_token_fraction} needs per_token=True (it splits per-token rows).")
         self.mu, self.sigma, self.per_token, self.snr_max = float(mu), float(sigma), per_token, float(snr_max)
+        self.per_token_fraction = float(per_token_fraction)
 
     def _continuous_rows(self, batch_size, length, generator, device):
         columns = length if self.per_token else 1
         normal = torch.randn(batch_size, columns, generator=generator, device=device)
+        if self.per_token and self.per_token_fraction < 1.0:
+            one_snr = torch.rand(batch_size, 1, generator=generator, device=device) >= self.per_token_fraction
+            normal = torch.where(one_snr, normal[:, :1], normal)
         return torch.exp(self.mu + self.sigma * normal).expand(batch_size, length).contiguous()
 
     def grid(self, num_steps: int) -> torch.Tensor:
@@ -206,7 +224,8 @@ class LogNormalPath(_ContinuousPath):
         return torch.cat([torch.zeros(1, dtype=torch.float64), grid])
 
     def __repr__(self) -> str:
-        return f"LogNormalPath(mu={self.mu}, sigma={self.sigma}, per_token={self.per_token})"
+        fraction = f", per_token_fraction={self.per_token_fraction}" if self.per_token_fraction != 1.0 else ""
+        return f"LogNormalPath(mu={self.mu}, sigma={self.sigma}, per_token={self.per_token}{fraction})"
 
 
 class LogLinearPath(_ContinuousPath):
@@ -335,6 +354,7 @@ REFERENCE_MIXED_LOGNORMAL_MU = 4.0
 REFERENCE_MIXED_LOGNORMAL_SIGMA = 1.5
 
 SNR_PATH_NAMES = ("mixture", "reference_mixed", "roar", "roar_smoothed", "lognormal", "loglinear", "linear")
+LOGNORMAL_SNR_PATHS = ("mixture", "reference_mixed", "lognormal")  # the paths whose continuous rows are log-normal
 
 
 def build_snr_path(
@@ -348,6 +368,7 @@ def build_snr_path(
     snr_min: float = 0.01,
     roar_smoothed: bool = False,
     smoothed_snr_lo: float = 1.0,
+    per_token_fraction: float = 1.0,
 ) -> SNRPath:
     """Build an SNR path from flat options (the form they take in ``DSLTrainingArguments`` and on the CLI).
 
@@ -359,10 +380,17 @@ def build_snr_path(
       ``rho``, ``lognormal_mu`` and ``lognormal_sigma`` do not apply;
     * "lognormal": every row log-normal, no ROAR rows (the reference code's default path, mu 2.69, sigma 1.41);
     * "roar" / "roar_smoothed", "loglinear", "linear": one path for every row.
+
+    ``per_token_fraction`` (with ``per_token``) applies to the log-normal paths only.
     """
     if name not in SNR_PATH_NAMES:
         raise ValueError(f"unknown SNR path {name!r}; accepted: {', '.join(SNR_PATH_NAMES)}")
     _check_positive("snr_max", snr_max)
+    if per_token_fraction != 1.0 and name not in LOGNORMAL_SNR_PATHS:
+        raise ValueError(
+            f"per_token_fraction={per_token_fraction} applies to the log-normal paths {LOGNORMAL_SNR_PATHS}, "
+            f"not to snr_path={name!r}."
+        )
     roar = ROARPath(
         snr_max=snr_max, smoothed=roar_smoothed or name == "roar_smoothed", smoothed_snr_lo=smoothed_snr_lo
     )
@@ -374,10 +402,13 @@ def build_snr_path(
         return LinearPath(snr_max=snr_max, per_token=per_token)
     if name == "reference_mixed":
         continuous = LogNormalPath(
-            mu=REFERENCE_MIXED_LOGNORMAL_MU, sigma=REFERENCE_MIXED_LOGNORMAL_SIGMA, per_token=per_token, snr_max=snr_max
+            mu=REFERENCE_MIXED_LOGNORMAL_MU, sigma=REFERENCE_MIXED_LOGNORMAL_SIGMA, per_token=per_token, snr_max=snr_max,
+            per_token_fraction=per_token_fraction,
         )
         return MixturePath(roar=roar, continuous=continuous, rho=REFERENCE_MIXED_RHO, row_count="floor")
-    lognormal = LogNormalPath(mu=lognormal_mu, sigma=lognormal_sigma, per_token=per_token, snr_max=snr_max)
+    lognormal = LogNormalPath(
+        mu=lognormal_mu, sigma=lognormal_sigma, per_token=per_token, snr_max=snr_max, per_token_fraction=per_token_fraction
+    )
     if name == "lognormal":
         return lognormal
     return MixturePath(roar=roar, continuous=lognormal, rho=rho)

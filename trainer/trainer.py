@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, sort_checkpoints
 
-from .corruption import SNR_PATH_NAMES, SNRPath, build_snr_path
+from .corruption import LOGNORMAL_SNR_PATHS, SNR_PATH_NAMES, SNRPath, build_snr_path
 from .distributed import configure_torch_extensions_dir, resolve_deepspeed_config, set_single_process_distributed_env
 from .losses import ROAR_TERMS, LossOutput, dsl_loss, mdlm_loss, roar_nll, token_loss_mask, unwrap_denoiser
 
@@ -152,6 +152,11 @@ class DSLTrainingArguments(TrainingArguments):
     lognormal_sigma: float = field(default=1.41, metadata={"help": "Std of log SNR (OWT 1.41, text8 0.55), > 0."})
     per_token_snr: bool = field(
         default=False, metadata={"help": "Draw continuous SNRs per token instead of per sequence."}
+    )
+    per_token_snr_fraction: float = field(
+        default=1.0,
+        metadata={"help": "With per_token_snr: the share of the continuous rows drawn per token; the rest get one "
+                          "SNR per row, the states the SDE samplers show. In [0, 1]."},
     )
     snr_min: float = field(default=0.01, metadata={"help": "Lowest SNR of the log-linear path, > 0."})
     roar_smoothed: bool = field(
@@ -274,6 +279,15 @@ class DSLTrainingArguments(TrainingArguments):
         require(finite(self.lognormal_sigma) and self.lognormal_sigma > 0, f"lognormal_sigma={self.lognormal_sigma} must be a finite number > 0")
         require(finite(self.snr_min) and self.snr_min > 0, f"snr_min={self.snr_min} must be a finite SNR > 0")
         require(
+            0.0 <= self.per_token_snr_fraction <= 1.0,
+            f"per_token_snr_fraction={self.per_token_snr_fraction} (share of per-token rows) must lie in [0, 1]",
+        )
+        require(
+            self.per_token_snr_fraction == 1.0 or (self.per_token_snr and self.snr_path in LOGNORMAL_SNR_PATHS),
+            f"per_token_snr_fraction={self.per_token_snr_fraction} needs per_token_snr=True and a log-normal "
+            f"snr_path {LOGNORMAL_SNR_PATHS}, got per_token_snr={self.per_token_snr}, snr_path={self.snr_path!r}",
+        )
+        require(
             finite(self.smoothed_snr_lo) and self.smoothed_snr_lo > 0,
             f"smoothed_snr_lo={self.smoothed_snr_lo} must be a finite SNR > 0",
         )
@@ -345,6 +359,7 @@ class DSLTrainingArguments(TrainingArguments):
             snr_min=self.snr_min,
             roar_smoothed=self.roar_smoothed,
             smoothed_snr_lo=self.smoothed_snr_lo,
+            per_token_fraction=self.per_token_snr_fraction,
         )
 
 

@@ -53,6 +53,8 @@ logger = logging.getLogger("known_law")
 #   rho                  ROAR share of the mixture path (default: --rho);
 #   lognormal            (mu, sigma) of the log-normal part (default: --lognormal_mu, --lognormal_sigma);
 #   per_token            log-normal SNRs per token instead of per sequence (the trainer's per_token_snr);
+#   per_token_fraction   with per_token, the share of the continuous rows drawn per token, the rest one SNR per row
+#                        (the trainer's per_token_snr_fraction): the SDE shows every position at one SNR;
 #   roar_smoothed        smoothed ROAR rows: masked tokens at s ~ U[0, 1), visible ones at s ~ U[0.8, 1] s_max;
 #   converter_beta       the converter's beta at the start of the arm (the pretrained MDLM never trained it);
 #   converter_mask_bias  the converter's [MASK]-slot bias at the start, a number or "log_vocab" (log V: the mask slot
@@ -92,6 +94,11 @@ ARMS = {
     "dsl-scratch": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True, from_scratch=True),
     "dsl-scratch-4x": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True, from_scratch=True,
                            steps_factor=4),  # the tokens of pretraining plus mdlm-4x
+    # dsl-scratch with half of its continuous rows at one SNR per row, the states the SDE visits.
+    "dsl-scratch-mix": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True,
+                            per_token_fraction=0.5, from_scratch=True),
+    "dsl-scratch-mix-4x": dict(objective="dsl", patterns=None, group_rate=None, **SHARP, per_token=True,
+                               per_token_fraction=0.5, from_scratch=True, steps_factor=4),
 }
 # Arms trained in the recipe search and left out of the full preset, each with why (results.md lists them). Their
 # recipes stay in `ARMS`, so `--arms` can train any of them again.
@@ -417,7 +424,7 @@ def arm_training_arguments(args, arm: str, out_dir: str):
         mu, sigma = spec.get("lognormal", (args.lognormal_mu, args.lognormal_sigma))
         overrides.update(snr_path="mixture", rho=spec.get("rho", args.rho), lognormal_mu=mu, lognormal_sigma=sigma,
                          per_token_snr=spec.get("per_token", False), roar_smoothed=spec.get("roar_smoothed", False),
-                         roar_lambda=0.0)
+                         per_token_snr_fraction=spec.get("per_token_fraction", 1.0), roar_lambda=0.0)
     if spec["patterns"] is None:
         # One rate for every parameter: AdamW is per-parameter, so equal rates and zero decay make it one group.
         overrides.update(dsl_learning_rate=learning_rate)
@@ -489,8 +496,8 @@ def stage_arm(args, arm: str, pretrained: Stage, roar_rows: torch.LongTensor) ->
         arm=arm,
         recipe={k: getattr(training_args, k) for k in (
             "objective", "learning_rate", "lr_scheduler_type", "warmup_steps", "ema_decay", "ema_warmup", "dsl_learning_rate",
-            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "per_token_snr", "roar_smoothed",
-            "roar_lambda", "max_grad_norm", "per_device_train_batch_size", "max_steps")},
+            "dsl_parameter_patterns", "snr_path", "rho", "lognormal_mu", "lognormal_sigma", "per_token_snr",
+            "per_token_snr_fraction", "roar_smoothed", "roar_lambda", "max_grad_norm", "per_device_train_batch_size", "max_steps")},
         start={k: v for k, v in ARMS[arm].items() if k not in ("objective", "patterns", "group_rate")},
         endpoint_inputs=getattr(model.config, "endpoint_inputs", "table (before the converter endpoint path existed)"),
         directions_mean_cosine_to_init=float(cosine.mean()),
