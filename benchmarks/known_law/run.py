@@ -142,7 +142,8 @@ PRESETS = {
         cond_dim=64, batch_size=64, pretrain_steps=2500, finetune_steps=1000, save_steps=250,
         step_budgets=[2, 4, 8, 16, 32], samples_per_cell=2000, sampling_batch_size=1000, seeds=[0, 1],
         secondary_seeds=[0], secondary_step_budgets=[4, 16], roar_eval_samples=8192,
-        arms=["mdlm", "dsl", "dsl-sharp", "dsl-sharp-low", "dsl-sharp-lr", "dsl-sharp-token-4x", "mdlm-4x", "dsl-scratch"],
+        arms=["mdlm", "dsl", "dsl-sharp", "dsl-sharp-low", "dsl-sharp-lr", "dsl-sharp-token-4x", "mdlm-4x", "dsl-scratch",
+              "dsl-scratch-mix"],
         gap_log_steps=100, gap_rows=1024,
     ),
 }
