@@ -108,6 +108,10 @@ def worker(output_dir: str, initial_model_dir: str, stage: int, steps: int, save
             json.dump(trainer.state.log_history, f)
         with open(os.path.join(output_dir, "run.json"), "w") as f:
             json.dump({"world_size": dist.get_world_size(), "ema_updates": trainer.ema.num_updates}, f)
+    # Leave together and tear the process group down: a rank that exits with gloo's threads still alive can abort
+    # ("terminate called without an active exception") after all its work is done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------------------
