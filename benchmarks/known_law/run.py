@@ -134,7 +134,7 @@ PRESETS = {
         entropy_samples=4000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, embed_dim=8, cond_dim=16,
         batch_size=16, pretrain_steps=12, finetune_steps=6, save_steps=5, step_budgets=[2, 8], samples_per_cell=64,
         sampling_batch_size=32, seeds=[0, 1], secondary_seeds=[0], roar_eval_samples=64,
-        arms=["mdlm", "dsl", "dsl-group"], gap_log_steps=3, gap_rows=32,
+        arms=["mdlm", "dsl", "dsl-group"], candidate_arm="dsl", gap_log_steps=3, gap_rows=32,
     ),
     "full": dict(
         vocab_size=64, num_states=16, tokens_per_state=16, successors_per_state=3, initial_states=4, length=32,
@@ -144,6 +144,7 @@ PRESETS = {
         secondary_seeds=[0], secondary_step_budgets=[4, 16], roar_eval_samples=8192,
         arms=["mdlm", "dsl", "dsl-sharp", "dsl-sharp-low", "dsl-sharp-lr", "dsl-sharp-token-4x", "mdlm-4x", "dsl-scratch",
               "dsl-scratch-mix"],
+        candidate_arm="dsl-scratch",
         gap_log_steps=100, gap_rows=1024,
     ),
 }
@@ -191,8 +192,10 @@ class KnownLawArguments:
     samples_per_cell: int | None = field(default=None, metadata={"help": "Samples per cell (>= 2,000 for the real run)."})
     sampling_batch_size: int | None = field(default=None, metadata={"help": "Rows per sampler call."})
     baseline_arm: str = field(default="mdlm", metadata={"help": "The headline's MDLM arm (MDLM and ReMDM)."})
-    candidate_arm: str = field(
-        default="dsl", metadata={"help": "The headline's DSL arm (ReMDM, DSL-SDE, hybrid; rescore and confidence)."}
+    candidate_arm: str | None = field(
+        default=None,
+        metadata={"help": "The headline's DSL arm (ReMDM, DSL-SDE, hybrid; rescore and confidence); default: the "
+                          "preset's (full: dsl-scratch, the best DSL arm on the MDLM arm's tokens; ci: dsl)."},
     )
     seeds: list[int] | None = field(default=None, metadata={"help": "Sampling seeds of the headline pair."})
     other_arm_seeds: list[int] | None = field(
